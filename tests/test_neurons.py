@@ -1,0 +1,148 @@
+"""PrivacyNeurons: selection, ablation hooks and storage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from tests._memorized import tiny_config
+from tl_privacy import IncompatibleNeuronsError, PrivacyNeurons
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TransformerBridge.boot_native(tiny_config(d_mlp=64)).eval()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+def random_scores(seed: int = 0, shape=(2, 64)) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_from_scores_selects_exactly_k():
+    scores = random_scores()
+    for k in (0, 1, 17, 128):
+        neurons = PrivacyNeurons.from_scores(scores, k, method="random")
+        assert neurons.count == k
+    top = PrivacyNeurons.from_scores(scores, 5, method="random")
+    assert scores[top.mask].min() >= scores[~top.mask].max()
+
+
+def test_from_scores_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be between 0 and 128"):
+        PrivacyNeurons.from_scores(random_scores(), 129, method="random")
+
+
+def test_counts_and_indices():
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[0, 3] = mask[1, 5] = mask[1, 63] = True
+    neurons = PrivacyNeurons(mask=mask)
+
+    assert neurons.count == 3
+    assert neurons.by_layer() == [1, 2]
+    assert neurons.indices() == [(0, 3), (1, 5), (1, 63)]
+    assert neurons.fraction == pytest.approx(3 / 128)
+    assert list(neurons.to_dataframe()["neuron"]) == [3, 5, 63]
+
+
+def test_jaccard():
+    a = PrivacyNeurons.from_scores(random_scores(0), 10, method="random")
+    assert a.jaccard(a) == 1.0
+    b = PrivacyNeurons(mask=~a.mask)
+    assert a.jaccard(b) == 0.0
+
+
+def test_zero_ablation_zeroes_selected(model, tokens):
+    neurons = PrivacyNeurons.from_scores(random_scores(3), 20, method="random")
+    captured = {}
+
+    def capture(activation, hook):
+        captured[hook.layer()] = activation
+        return activation
+
+    names = [(f"blocks.{i}.mlp.hook_post", capture) for i in range(2)]
+    with torch.no_grad(), neurons.ablated(model):
+        model.run_with_hooks(tokens, fwd_hooks=names)
+
+    for layer in range(2):
+        selected = neurons.mask[layer]
+        assert torch.count_nonzero(captured[layer][..., selected]) == 0
+        assert torch.count_nonzero(captured[layer][..., ~selected]) > 0
+
+
+def test_mean_ablation_sets_means(model, tokens):
+    neurons = PrivacyNeurons.from_scores(random_scores(4), 8, method="random")
+    means = torch.full((2, 64), 0.25)
+    captured = {}
+
+    def capture(activation, hook):
+        captured["post"] = activation
+        return activation
+
+    hooks = neurons.ablation_hooks("mean", means)
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[*hooks, ("blocks.0.mlp.hook_post", capture)])
+
+    selected = neurons.mask[0]
+    assert torch.allclose(captured["post"][..., selected], torch.tensor(0.25))
+
+
+def test_mean_ablation_needs_means():
+    neurons = PrivacyNeurons.from_scores(random_scores(), 3, method="random")
+    with pytest.raises(ValueError, match="needs means"):
+        neurons.ablation_hooks("mean")
+
+
+def test_save_load_round_trip(tmp_path, model):
+    scores = random_scores(5)
+    neurons = PrivacyNeurons.from_scores(
+        scores, 9, method="hard_concrete", model_name="tiny", pii_types=("EMAIL",)
+    )
+    neurons.gates = torch.rand(2, 64)
+    neurons.config = {"steps": 3, "budget": 0.05}
+
+    neurons.save(tmp_path / "set")
+    loaded = PrivacyNeurons.load(tmp_path / "set", model=model)
+
+    assert torch.equal(loaded.mask, neurons.mask)
+    assert torch.equal(loaded.scores, neurons.scores)
+    assert torch.equal(loaded.gates, neurons.gates)
+    assert loaded.method == "hard_concrete"
+    assert loaded.pii_types == ("EMAIL",)
+    assert loaded.config == {"steps": 3, "budget": 0.05}
+    meta = json.loads((tmp_path / "set" / "config.json").read_text())
+    assert meta["format_version"] == 1
+    assert meta["hook_name"] == "blocks.{layer}.mlp.hook_post"
+    assert (meta["n_layers"], meta["d_mlp"]) == (2, 64)
+
+
+def test_load_rejects_other_shape(tmp_path):
+    other = TransformerBridge.boot_native(tiny_config(d_mlp=32)).eval()
+    PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(tmp_path / "set")
+
+    with pytest.raises(IncompatibleNeuronsError, match="d_mlp=64"):
+        PrivacyNeurons.load(tmp_path / "set", model=other)
+    loaded = PrivacyNeurons.load(tmp_path / "set")
+    with pytest.raises(IncompatibleNeuronsError), loaded.ablated(other):
+        pass
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved neuron set"):
+        PrivacyNeurons.load(tmp_path / "nothing")
+
+
+def test_save_replaces_whole_folder(tmp_path):
+    target = tmp_path / "set"
+    PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(target)
+    PrivacyNeurons.from_scores(random_scores(1), 7, method="random").save(target)
+
+    assert PrivacyNeurons.load(target).count == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -1,0 +1,471 @@
+"""Adversarial training of hard-concrete gates to localize privacy neurons.
+
+The model's weights stay frozen; only the gates' ``log_alpha`` trains, on
+
+    loss = pii_term + keep_weight * keep_term + (l0_weight + lambda) * E[closed] / B
+
+where ``pii_term`` pushes down the probability of the PII tokens (bounded, see
+:mod:`tl_privacy.objectives`), ``keep_term`` keeps the predictions on the other
+tokens, ``E[closed]`` is the expected number of closed gates and ``B`` the
+neuron budget. ``lambda`` is a Lagrange multiplier raised by dual ascent while
+``E[closed]`` exceeds the budget, so the budget holds on any model without
+hand-tuning an L0 weight. The neurons whose gates end closed
+form the set (a gate counts as closed when ``P(gate = 0) > 0.5``), capped at the
+budget by lowest ``log_alpha``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_privacy.hooks import attached, check_model, model_logits
+from tl_privacy.masks import HardConcreteMask
+from tl_privacy.neurons import PrivacyNeurons
+from tl_privacy.objectives import (
+    KeepLossForm,
+    PIILossForm,
+    check_finite,
+    keep_loss,
+    pii_suppression_loss,
+    reference_log_probs,
+)
+
+logger = logging.getLogger("tl_privacy")
+
+DEFAULT_PII_TYPES = ("EMAIL", "PHONE", "NAME", "ADDRESS")
+"""Type names in the order of ``pii_type_ids`` produced by :mod:`tl_privacy.data.tokenization`."""
+
+
+@dataclass
+class LocalizationConfig:
+    """Settings of :func:`localize`.
+
+    Attributes:
+        steps: optimizer steps; each is one forward and one backward pass of one batch.
+        lr: Adam learning rate on ``log_alpha``.
+        batch_size: rows per batch when ``localize`` is given whole tensors to split.
+        temperature: hard-concrete temperature (> 0).
+        init_open_prob: probability that a gate is non-zero at the start.
+        budget: upper bound on the set: a fraction of all MLP neurons if < 1 (e.g.
+            0.01), a neuron count if >= 1, or None for no bound (then only
+            ``l0_weight`` limits the set).
+        l0_weight: weight of the expected number of closed gates, per budget
+            (per 1% of all neurons when there is no budget).
+        dual_lr: step size of the Lagrange multiplier that enforces the budget.
+        pii_loss: ``"unlikelihood"`` or ``"capped_ce"`` (both bounded).
+        keep_loss: ``"kl"`` (to the unmasked model's own predictions) or ``"ce"``.
+        keep_weight: weight of the keep term.
+        pii_types: PII types to suppress, or None for all; tokens of the other
+            types are then neither suppressed nor kept.
+        type_names: the names behind the batches' ``pii_type_ids``.
+        seed: seed of the gate noise; the same seed gives the same set on CPU.
+        device: device of the mask and batches; None uses the model's device.
+        reference_cache_mb: memory for caching the unmasked model's predictions
+            (``kl`` form) across steps; past it they are recomputed each step.
+        show_progress: show a tqdm bar.
+    """
+
+    steps: int = 200
+    lr: float = 0.1
+    batch_size: int = 8
+    temperature: float = 2.0 / 3.0
+    init_open_prob: float = 0.99
+    budget: float | int | None = 0.01
+    l0_weight: float = 0.1
+    dual_lr: float = 0.05
+    pii_loss: PIILossForm = "unlikelihood"
+    keep_loss: KeepLossForm = "kl"
+    keep_weight: float = 1.0
+    pii_types: tuple[str, ...] | None = None
+    type_names: tuple[str, ...] = DEFAULT_PII_TYPES
+    seed: int = 0
+    device: str | None = None
+    reference_cache_mb: float = 1024.0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"steps must be positive, got {self.steps!r}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}.")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size!r}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(
+                f"budget must be a fraction in (0, 1), a neuron count >= 1, or None; "
+                f"got {self.budget!r}."
+            )
+        if self.pii_loss not in ("sequence", "unlikelihood", "capped_ce"):
+            raise ValueError(
+                "pii_loss must be 'sequence', 'unlikelihood' or 'capped_ce', "
+                f"got {self.pii_loss!r}."
+            )
+        if self.keep_loss not in ("kl", "ce"):
+            raise ValueError(f"keep_loss must be 'kl' or 'ce', got {self.keep_loss!r}.")
+        if self.pii_types is not None:
+            self.pii_types = tuple(self.pii_types)
+            unknown = [t for t in self.pii_types if t not in self.type_names]
+            if unknown:
+                raise ValueError(
+                    f"pii_types {unknown} are not among type_names {list(self.type_names)}."
+                )
+        self.type_names = tuple(self.type_names)
+
+    def budget_count(self, n_neurons: int) -> int | None:
+        """The budget as a number of neurons out of ``n_neurons``, or None."""
+        if self.budget is None:
+            return None
+        if self.budget < 1:
+            return max(1, int(round(self.budget * n_neurons)))
+        count = int(self.budget)
+        if count > n_neurons:
+            raise ValueError(f"budget {count} exceeds the model's {n_neurons} MLP neurons.")
+        return count
+
+
+@dataclass
+class LocalizationHistory:
+    """Per-step values of the loss terms, for plots and checks."""
+
+    pii: list[float] = field(default_factory=list)
+    keep: list[float] = field(default_factory=list)
+    expected_closed: list[float] = field(default_factory=list)
+    closed: list[int] = field(default_factory=list)
+    multiplier: list[float] = field(default_factory=list)
+
+
+Batch = dict[str, torch.Tensor]
+BatchSource = Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
+
+
+def as_batches(batches: BatchSource, batch_size: int, device: torch.device | str) -> list[Batch]:
+    """Normalise the input of :func:`localize` to a list of batches on ``device``.
+
+    Accepts one dict of whole tensors (split into rows of ``batch_size``) or any
+    iterable of such dicts. Each needs ``input_ids``, ``pii_mask`` and optionally
+    ``attention_mask`` (all ones when missing) and ``pii_type_ids``.
+    """
+    if isinstance(batches, Mapping):
+        whole = _check_batch(batches, 0)
+        n_rows = whole["input_ids"].shape[0]
+        items = [
+            {key: value[start : start + batch_size] for key, value in whole.items()}
+            for start in range(0, n_rows, batch_size)
+        ]
+    else:
+        items = [_check_batch(batch, index) for index, batch in enumerate(batches)]
+    if not items:
+        raise ValueError("localize got no batches; give at least one batch with PII tokens.")
+    return [{key: value.to(device) for key, value in batch.items()} for batch in items]
+
+
+def _check_batch(batch: Mapping[str, Any], index: int) -> Batch:
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__}; expected a dict with input_ids, "
+            "attention_mask and pii_mask tensors."
+        )
+    missing = [key for key in ("input_ids", "pii_mask") if key not in batch]
+    if missing:
+        raise ValueError(f"batch {index} is missing {missing}; it has {sorted(batch)}.")
+
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"batch {index}: input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}."
+        )
+    result: Batch = {"input_ids": input_ids.long()}
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    result["attention_mask"] = torch.as_tensor(attention_mask).long()
+    result["pii_mask"] = torch.as_tensor(batch["pii_mask"]).bool()
+    if "pii_type_ids" in batch:
+        result["pii_type_ids"] = torch.as_tensor(batch["pii_type_ids"]).long()
+    for key, value in result.items():
+        if value.shape != input_ids.shape:
+            raise ValueError(
+                f"batch {index}: {key} has shape {tuple(value.shape)}, input_ids has "
+                f"{tuple(input_ids.shape)}."
+            )
+    # Pad positions are never PII, whatever the caller's labels say.
+    result["pii_mask"] = result["pii_mask"] & result["attention_mask"].bool()
+    return result
+
+
+def restrict_to_types(
+    batches: list[Batch], pii_types: tuple[str, ...] | None, type_names: tuple[str, ...]
+) -> list[Batch]:
+    """Add a ``suppress_mask`` that keeps only the PII tokens of ``pii_types``."""
+    if pii_types is None:
+        return batches
+    type_ids = torch.tensor([type_names.index(t) for t in pii_types])
+    restricted = []
+    for index, batch in enumerate(batches):
+        if "pii_type_ids" not in batch:
+            raise ValueError(
+                f"batch {index} has no pii_type_ids, which restricting to pii_types "
+                f"{list(pii_types)} needs."
+            )
+        suppress = torch.isin(batch["pii_type_ids"], type_ids.to(batch["pii_type_ids"].device))
+        restricted.append({**batch, "suppress_mask": suppress & batch["pii_mask"]})
+    return restricted
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """Freeze every parameter of ``model`` and put it in eval mode; restore both after."""
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    was_training = model.training
+    for param in params:
+        param.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for param, flag in zip(params, requires_grad, strict=True):
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _ReferenceCache:
+    """The unmasked model's log-probabilities at keep positions, cached per batch while they fit."""
+
+    def __init__(self, limit_mb: float) -> None:
+        self.limit_bytes = limit_mb * 2**20
+        self.used_bytes = 0.0
+        self.entries: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, compute) -> torch.Tensor:
+        if index in self.entries:
+            return self.entries[index]
+        value = compute()
+        # float16 halves the memory; log-probabilities keep about 3 significant digits.
+        size = value.numel() * 2
+        if self.used_bytes + size <= self.limit_bytes:
+            self.entries[index] = value.to(torch.float16)
+            self.used_bytes += size
+        return value
+
+
+class Localizer:
+    """Runs the adversarial mask training step by step; :func:`localize` drives it.
+
+    While the localizer is open (``with Localizer(model, config) as localizer:``),
+    the model is frozen and in eval mode and the gate hooks are attached; on exit
+    all of that is undone, also when a step raises.
+
+    Attributes:
+        mask: the :class:`HardConcreteMask` being trained.
+        history: per-step values of the loss terms.
+        passes: model forward and backward passes so far.
+    """
+
+    def __init__(self, model: Any, config: LocalizationConfig | None = None) -> None:
+        self.model = model
+        self.config = config or LocalizationConfig()
+        self.n_layers, self.d_mlp = check_model(model)
+        self.n_neurons = self.n_layers * self.d_mlp
+        self.budget = self.config.budget_count(self.n_neurons)
+        self.device = torch.device(self.config.device) if self.config.device else _device_of(model)
+
+        self.mask = HardConcreteMask(
+            self.n_layers,
+            self.d_mlp,
+            temperature=self.config.temperature,
+            init_open_prob=self.config.init_open_prob,
+            seed=self.config.seed,
+        ).to(self.device)
+        self.mask.train()
+        self.optimizer = torch.optim.Adam([self.mask.log_alpha], lr=self.config.lr)
+        self.history = LocalizationHistory()
+        self.passes = {"forward": 0, "backward": 0}
+        self.multiplier = 0.0
+        self._budget_scale = float(self.budget or max(1, self.n_neurons // 100))
+        self._references = _ReferenceCache(self.config.reference_cache_mb)
+        self._exit_stack: ExitStack | None = None
+
+    def __enter__(self) -> Localizer:
+        stack = ExitStack()
+        stack.enter_context(frozen(self.model))
+        stack.enter_context(attached(self.model, self.mask.fwd_hooks()))
+        self._exit_stack = stack
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._exit_stack is not None:
+            self._exit_stack.close()
+            self._exit_stack = None
+
+    def prepare(self, batches: BatchSource) -> list[Batch]:
+        """Check and move the batches, and narrow them to ``config.pii_types``."""
+        data = as_batches(batches, self.config.batch_size, self.device)
+        data = restrict_to_types(data, self.config.pii_types, self.config.type_names)
+        if not any(bool(b.get("suppress_mask", b["pii_mask"]).any()) for b in data):
+            types = f" of types {list(self.config.pii_types)}" if self.config.pii_types else ""
+            raise ValueError(
+                f"No batch has a PII token to suppress{types}; check the records' spans and "
+                "the tokenization."
+            )
+        return data
+
+    def _reference(self, key: int, batch: Batch) -> torch.Tensor | None:
+        if self.config.keep_loss != "kl":
+            return None
+
+        def compute() -> torch.Tensor:
+            self.passes["forward"] += 1
+            with torch.no_grad(), self.mask.bypassed():
+                logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
+            return reference_log_probs(logits, batch)
+
+        return self._references.get(key, compute)
+
+    def step(self, batch: Batch, key: int = 0) -> None:
+        """One optimizer step of the gates on ``batch``; ``key`` names the batch for caching."""
+        if self._exit_stack is None:
+            raise RuntimeError("Use the Localizer inside `with Localizer(model, config) as loc:`.")
+        config = self.config
+        reference = self._reference(key, batch)
+
+        logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        pii_term = pii_suppression_loss(logits, batch, config.pii_loss)
+        keep_term = keep_loss(logits, batch, config.keep_loss, reference)
+        expected_closed = self.mask.expected_closed()
+        l0_term = (config.l0_weight + self.multiplier) * expected_closed / self._budget_scale
+        check_finite(pii_term, "PII suppression")
+        check_finite(keep_term, "keep")
+        check_finite(l0_term, "L0")
+
+        loss = pii_term + config.keep_weight * keep_term + l0_term
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.passes["forward"] += 1
+        self.passes["backward"] += 1
+
+        if self.budget is not None:
+            # Dual ascent: the multiplier grows while the expected set exceeds the budget.
+            excess = float(expected_closed.detach()) / self.budget - 1.0
+            self.multiplier = max(0.0, self.multiplier + config.dual_lr * excess)
+
+        with torch.no_grad():
+            closed_now = int(self.mask.closed().sum())
+        self.history.pii.append(float(pii_term.detach()))
+        self.history.keep.append(float(keep_term.detach()))
+        self.history.expected_closed.append(float(expected_closed.detach()))
+        self.history.closed.append(closed_now)
+        self.history.multiplier.append(self.multiplier)
+
+    def run(self, batches: BatchSource) -> PrivacyNeurons:
+        """Train for ``config.steps`` steps, cycling through the batches, and select the set."""
+        data = self.prepare(batches)
+        start = time.perf_counter()
+        show = self.config.show_progress
+        progress = tqdm(range(self.config.steps), desc="localize", disable=not show)
+        with self:
+            for step in progress:
+                index = step % len(data)
+                self.step(data[index], key=index)
+                progress.set_postfix(
+                    pii=f"{self.history.pii[-1]:.3f}",
+                    keep=f"{self.history.keep[-1]:.4f}",
+                    l0=f"{self.history.expected_closed[-1]:.1f}",
+                    closed=self.history.closed[-1],
+                    refresh=False,
+                )
+        return self.result(time.perf_counter() - start)
+
+    def result(self, wall_time: float = float("nan")) -> PrivacyNeurons:
+        """The current set, with the settings and the run's measurements."""
+        self.mask.eval()
+        neurons = _select(self.mask, self.budget)
+        neurons.model_name = getattr(self.model.cfg, "model_name", None)
+        neurons.pii_types = self.config.pii_types or self.config.type_names
+        neurons.config = asdict(self.config)
+        neurons.stats = {
+            "wall_time_s": wall_time,
+            "forward_passes": self.passes["forward"],
+            "backward_passes": self.passes["backward"],
+            "budget": self.budget,
+            "history": asdict(self.history),
+        }
+        logger.info(
+            "localize: %d privacy neurons (%.3f%% of %d) in %.1f s, %d forward and %d backward "
+            "passes",
+            neurons.count,
+            100 * neurons.fraction,
+            self.n_neurons,
+            wall_time,
+            self.passes["forward"],
+            self.passes["backward"],
+        )
+        return neurons
+
+
+def localize(
+    model: Any,
+    batches: BatchSource,
+    config: LocalizationConfig | None = None,
+    *,
+    model_name: str | None = None,
+) -> PrivacyNeurons:
+    """Localize the MLP neurons that hold the PII in ``batches`` by training hard-concrete gates.
+
+    Args:
+        model: a TransformerLens model (see :func:`tl_privacy.hooks.check_model`).
+        batches: dicts with ``input_ids`` ``[batch, pos]``, ``attention_mask``
+            ``[batch, pos]`` (1 = real token) and a boolean ``pii_mask`` ``[batch, pos]``
+            (plus ``pii_type_ids`` when ``config.pii_types`` is set), or one dict of
+            whole tensors to split into batches.
+        config: settings; defaults to :class:`LocalizationConfig()`.
+        model_name: stored with the result; defaults to ``model.cfg.model_name``.
+
+    Returns:
+        The neurons whose gates closed, with ``scores = -log_alpha``, the gate
+        values, the settings and ``stats`` (wall time, passes, the loss history).
+        The model's parameters, their ``requires_grad`` and its train/eval mode are
+        as they were before the call, and no hook stays attached.
+    """
+    neurons = Localizer(model, config).run(batches)
+    if model_name is not None:
+        neurons.model_name = model_name
+    return neurons
+
+
+def _select(mask: HardConcreteMask, budget: int | None) -> PrivacyNeurons:
+    """The neurons whose gates are more likely closed than not, at most ``budget`` of them."""
+    with torch.no_grad():
+        scores = -mask.log_alpha.detach().cpu()
+        gates = mask.deterministic_gates().detach().cpu()
+        closed = int(mask.closed().sum())
+    if closed == 0:
+        warnings.warn(
+            "No gate closed during localization; the set is empty. Train longer, raise lr or "
+            "lower l0_weight, or rank neurons by their scores with PrivacyNeurons.top_k(k).",
+            stacklevel=3,
+        )
+    k = closed if budget is None else min(closed, budget)
+    # Closed gates are those with the lowest log_alpha, so the top-k scores are closed ones.
+    neurons = PrivacyNeurons.from_scores(scores, k, method="hard_concrete")
+    neurons.gates = gates
+    return neurons
+
+
+def _device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")

@@ -1,0 +1,391 @@
+"""A set of MLP neurons, how to ablate it, and how to store it.
+
+``PrivacyNeurons`` is what every localization method returns, the learned masks
+and the baselines alike, so ablation, evaluation and reports treat them the same.
+It is stored as a folder with ``neurons.safetensors`` (tensors) and
+``config.json`` (shape, hook, method and settings); no pickle is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from tl_privacy.hooks import (
+    MLP_POST,
+    FwdHooks,
+    HookHandles,
+    attach,
+    attached,
+    check_model,
+    mlp_post_name,
+)
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "neurons.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class IncompatibleNeuronsError(ValueError):
+    """Raised when a neuron set is used with a model of another shape."""
+
+
+@dataclass
+class PrivacyNeurons:
+    """A set of MLP neurons, as a boolean ``[n_layers, d_mlp]`` mask over ``hook_post``.
+
+    Attributes:
+        mask: True at the selected neurons.
+        scores: the method's score per neuron (higher means more tied to the PII),
+            from which the set was taken; None when the method has none.
+        gates: deterministic gate values of the learned mask, or None for other methods.
+        method: name of the method that chose the set (``"hard_concrete"``, ``"random"``, ...).
+        model_name: name of the model the set was found on.
+        pii_types: the PII types the localization targeted.
+        config: the method's settings, stored with the set.
+        stats: wall time, model passes and other measurements of the run.
+    """
+
+    mask: Bool[Tensor, "n_layers d_mlp"]
+    scores: Float[Tensor, "n_layers d_mlp"] | None = None
+    gates: Float[Tensor, "n_layers d_mlp"] | None = None
+    method: str = "hard_concrete"
+    model_name: str | None = None
+    pii_types: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    hook_name: str = MLP_POST
+
+    def __post_init__(self) -> None:
+        if self.mask.dim() != 2:
+            raise ValueError(f"mask must be [n_layers, d_mlp], got shape {tuple(self.mask.shape)}.")
+        self.mask = self.mask.detach().to("cpu", torch.bool)
+        for name in ("scores", "gates"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value.shape != self.mask.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)} but mask has {tuple(self.mask.shape)}."
+                )
+            setattr(self, name, value.detach().to("cpu", torch.float32))
+        self.pii_types = tuple(self.pii_types)
+
+    # ---- construction ----
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Float[Tensor, "n_layers d_mlp"],
+        k: int,
+        method: str,
+        **kwargs: Any,
+    ) -> PrivacyNeurons:
+        """Select the ``k`` neurons with the highest scores (ties broken by position).
+
+        Raises:
+            ValueError: if ``k`` is negative or larger than the number of neurons.
+        """
+        total = scores.numel()
+        if not 0 <= k <= total:
+            raise ValueError(f"k must be between 0 and {total} (all neurons), got {k}.")
+        flat = scores.detach().float().flatten().cpu()
+        if torch.isnan(flat).any():
+            raise ValueError(f"scores for method {method!r} contain NaN; cannot rank neurons.")
+
+        # A stable sort keeps equal scores in index order, so the choice is reproducible.
+        order = torch.sort(flat, descending=True, stable=True).indices[:k]
+        mask = torch.zeros(total, dtype=torch.bool)
+        mask[order] = True
+        return cls(mask=mask.view_as(scores), scores=scores, method=method, **kwargs)
+
+    def top_k(self, k: int) -> PrivacyNeurons:
+        """Re-select ``k`` neurons from this set's scores, keeping its other fields."""
+        if self.scores is None:
+            raise ValueError(f"The {self.method!r} set has no scores to rank; top_k needs them.")
+        selected = PrivacyNeurons.from_scores(self.scores, k, self.method)
+        return self._replace_mask(selected.mask)
+
+    def _replace_mask(self, mask: Tensor) -> PrivacyNeurons:
+        return PrivacyNeurons(
+            mask=mask,
+            scores=self.scores,
+            gates=self.gates,
+            method=self.method,
+            model_name=self.model_name,
+            pii_types=self.pii_types,
+            config=dict(self.config),
+            stats=dict(self.stats),
+            hook_name=self.hook_name,
+        )
+
+    # ---- shape and counts ----
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def count(self) -> int:
+        """Number of selected neurons."""
+        return int(self.mask.sum())
+
+    @property
+    def fraction(self) -> float:
+        """Selected neurons as a fraction of all MLP neurons."""
+        return self.count / self.mask.numel()
+
+    def by_layer(self) -> list[int]:
+        """Number of selected neurons in each layer."""
+        return [int(n) for n in self.mask.sum(dim=1)]
+
+    def indices(self) -> list[tuple[int, int]]:
+        """The selected neurons as ``(layer, neuron)`` pairs, in layer order."""
+        return [(int(layer), int(neuron)) for layer, neuron in self.mask.nonzero().tolist()]
+
+    def jaccard(self, other: PrivacyNeurons) -> float:
+        """Jaccard overlap |A ∩ B| / |A ∪ B| of two sets (1.0 when both are empty)."""
+        if other.mask.shape != self.mask.shape:
+            raise IncompatibleNeuronsError(
+                f"Cannot compare sets of shapes {tuple(self.mask.shape)} and "
+                f"{tuple(other.mask.shape)}."
+            )
+        union = int((self.mask | other.mask).sum())
+        if union == 0:
+            return 1.0
+        return int((self.mask & other.mask).sum()) / union
+
+    def check_compatible(self, model: Any) -> None:
+        """Raise ``IncompatibleNeuronsError`` unless ``model`` has this set's shape."""
+        n_layers, d_mlp = check_model(model)
+        if (n_layers, d_mlp) != (self.n_layers, self.d_mlp):
+            raise IncompatibleNeuronsError(
+                f"This neuron set was found on a model with n_layers={self.n_layers}, "
+                f"d_mlp={self.d_mlp} (model {self.model_name!r}), but the given model has "
+                f"n_layers={n_layers}, d_mlp={d_mlp}. Use the set with the model it was "
+                "localized on."
+            )
+
+    # ---- ablation ----
+
+    def ablation_hooks(
+        self,
+        mode: Literal["zero", "mean"] = "zero",
+        means: Float[Tensor, "n_layers d_mlp"] | None = None,
+    ) -> FwdHooks:
+        """Forward hooks that deactivate the selected neurons at ``hook_post``.
+
+        Args:
+            mode: ``"zero"`` sets the neurons' activations to 0; ``"mean"`` sets them
+                to ``means`` (for example their mean activation over a corpus).
+            means: required for ``"mean"``.
+
+        Returns:
+            ``(hook name, hook function)`` pairs for ``run_with_hooks`` or
+            ``model.hooks()``; layers without selected neurons get no hook.
+        """
+        if mode not in ("zero", "mean"):
+            raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}.")
+        if mode == "mean":
+            if means is None:
+                raise ValueError("mode='mean' needs means of shape [n_layers, d_mlp].")
+            if tuple(means.shape) != tuple(self.mask.shape):
+                raise ValueError(
+                    f"means has shape {tuple(means.shape)}, expected {tuple(self.mask.shape)}."
+                )
+
+        hooks: FwdHooks = []
+        for layer in range(self.n_layers):
+            selected = self.mask[layer]
+            if not selected.any():
+                continue
+            layer_means = None if means is None else means[layer].detach()
+            hooks.append((mlp_post_name(layer), _ablation_hook(layer, selected, layer_means)))
+        return hooks
+
+    @contextmanager
+    def ablated(
+        self,
+        model: Any,
+        mode: Literal["zero", "mean"] = "zero",
+        means: Float[Tensor, "n_layers d_mlp"] | None = None,
+    ) -> Iterator[Any]:
+        """Ablate the neurons of ``model`` inside a ``with`` block; the hooks are always removed."""
+        self.check_compatible(model)
+        with attached(model, self.ablation_hooks(mode, means)):
+            yield model
+
+    def attach(self, model: Any, mode: Literal["zero", "mean"] = "zero", means=None) -> HookHandles:
+        """Ablate persistently; call ``.remove()`` on the returned handles to undo it."""
+        self.check_compatible(model)
+        return attach(model, self.ablation_hooks(mode, means))
+
+    # ---- storage ----
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set to the folder ``path`` (created or replaced whole).
+
+        The folder is written next to its final place and renamed into it, so a
+        failure leaves no half-written set behind.
+        """
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            tensors = {"mask": self.mask.to(torch.uint8).contiguous()}
+            if self.scores is not None:
+                tensors["scores"] = self.scores.contiguous()
+            if self.gates is not None:
+                tensors["gates"] = self.gates.contiguous()
+            save_file(tensors, str(staging / TENSORS_FILE))
+            (staging / CONFIG_FILE).write_text(json.dumps(self._config_json(), indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _config_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "n_layers": self.n_layers,
+            "d_mlp": self.d_mlp,
+            "hook_name": self.hook_name,
+            "method": self.method,
+            "pii_types": list(self.pii_types),
+            "count": self.count,
+            "by_layer": self.by_layer(),
+            "config": _jsonable(self.config),
+            "stats": _jsonable(self.stats),
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> PrivacyNeurons:
+        """Read a set written by :meth:`save`; with ``model``, also check its shape."""
+        folder = Path(path)
+        config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
+        if not config_path.is_file() or not tensors_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a saved neuron set: it needs {CONFIG_FILE} and {TENSORS_FILE} "
+                "(written by PrivacyNeurons.save or `tl-privacy localize`)."
+            )
+        meta = json.loads(config_path.read_text())
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format_version {version!r}; this tl_privacy reads version "
+                f"{FORMAT_VERSION}."
+            )
+
+        tensors = load_file(str(tensors_path))
+        mask = tensors["mask"].bool()
+        expected = (meta["n_layers"], meta["d_mlp"])
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"{tensors_path} holds a mask of shape {tuple(mask.shape)} but {config_path} "
+                f"says {expected}; the folder is damaged."
+            )
+        neurons = cls(
+            mask=mask,
+            scores=tensors.get("scores"),
+            gates=tensors.get("gates"),
+            method=meta["method"],
+            model_name=meta.get("model_name"),
+            pii_types=tuple(meta.get("pii_types", ())),
+            config=meta.get("config", {}),
+            stats=meta.get("stats", {}),
+            hook_name=meta.get("hook_name", MLP_POST),
+        )
+        if model is not None:
+            neurons.check_compatible(model)
+        return neurons
+
+    # ---- notebook helpers ----
+
+    def to_dataframe(self):
+        """One row per selected neuron: layer, neuron, score, gate value and PII types."""
+        import pandas as pd
+
+        rows = []
+        for layer, neuron in self.indices():
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": neuron,
+                    "score": None if self.scores is None else float(self.scores[layer, neuron]),
+                    "gate": None if self.gates is None else float(self.gates[layer, neuron]),
+                    "pii_types": ",".join(self.pii_types),
+                }
+            )
+        return pd.DataFrame(rows, columns=["layer", "neuron", "score", "gate", "pii_types"])
+
+    def __repr__(self) -> str:
+        return (
+            f"PrivacyNeurons(method={self.method!r}, count={self.count}, "
+            f"fraction={self.fraction:.4%}, shape=[{self.n_layers}, {self.d_mlp}], "
+            f"pii_types={list(self.pii_types)})"
+        )
+
+
+def _ablation_hook(layer: int, selected: Tensor, means: Tensor | None):
+    cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
+
+    def ablate_neurons(activation: Tensor, hook: Any) -> Tensor:
+        key = (activation.device, activation.dtype)
+        if key not in cache:
+            keep = (~selected).to(device=activation.device, dtype=activation.dtype)
+            fill = None
+            if means is not None:
+                fill = (means * selected).to(device=activation.device, dtype=activation.dtype)
+            cache[key] = (keep, fill)
+        keep, fill = cache[key]
+        # Multiplying (rather than indexing in place) leaves the incoming tensor untouched.
+        ablated = activation * keep
+        return ablated if fill is None else ablated + fill
+
+    ablate_neurons.__name__ = f"ablate_neurons_layer_{layer}"
+    return ablate_neurons
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def union(sets: Sequence[PrivacyNeurons], method: str = "union") -> PrivacyNeurons:
+    """The union of several sets of the same shape."""
+    if not sets:
+        raise ValueError("union needs at least one neuron set.")
+    mask = sets[0].mask.clone()
+    for other in sets[1:]:
+        if other.mask.shape != mask.shape:
+            raise IncompatibleNeuronsError("union needs sets of the same shape.")
+        mask |= other.mask
+    types = tuple(dict.fromkeys(t for s in sets for t in s.pii_types))
+    return PrivacyNeurons(mask=mask, method=method, model_name=sets[0].model_name, pii_types=types)
