@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 VOCAB = 256
 SEQ_LEN = 24
@@ -48,6 +47,22 @@ def tiny_config(n_layers: int = 2, d_mlp: int = 256, seed: int = 0) -> dict:
     )
 
 
+def make_tiny_model(n_layers: int = 2, d_mlp: int = 256, seed: int = 0):
+    """A randomly initialised TL-native model in eval mode.
+
+    A TransformerLens 4 ``TransformerBridge`` where TL 4 is installed, else a
+    TransformerLens 3 ``HookedTransformer``, so the same tests run on both.
+    """
+    config = tiny_config(n_layers=n_layers, d_mlp=d_mlp, seed=seed)
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        return HookedTransformer(HookedTransformerConfig(**config)).eval()
+    return TransformerBridge.boot_native(config).eval()
+
+
 def build_memorized(
     n_records: int = 32,
     steps: int = 400,
@@ -61,7 +76,7 @@ def build_memorized(
     pii_mask = torch.zeros_like(input_ids, dtype=torch.bool)
     pii_mask[:, PII_START:PII_END] = True
 
-    model = TransformerBridge.boot_native(tiny_config(d_mlp=d_mlp, seed=seed))
+    model = make_tiny_model(d_mlp=d_mlp, seed=seed)
     torch.manual_seed(seed)
     params = [p for n, p in model.named_parameters() if "mlp" in n or not mlp_only]
     optimizer = torch.optim.Adam(params, lr=lr)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
-from tests._memorized import tiny_config
+from tests._memorized import make_tiny_model
 from tl_privacy import HardConcreteMask, PrivacyNeurons, attached, check_model
 
 POST = "blocks.0.mlp.hook_post"
@@ -14,7 +13,7 @@ POST = "blocks.0.mlp.hook_post"
 
 @pytest.fixture()
 def model():
-    return TransformerBridge.boot_native(tiny_config(d_mlp=64)).eval()
+    return make_tiny_model(d_mlp=64)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def test_check_model_reads_shape(model):
 
 
 def test_raising_hook_leaves_no_hook(model, tokens):
-    fresh = TransformerBridge.boot_native(tiny_config(d_mlp=64)).eval()
+    fresh = make_tiny_model(d_mlp=64)
     mask = HardConcreteMask.for_model(model, seed=0)
 
     def explode(activation, hook):

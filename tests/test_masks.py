@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
-from tests._memorized import tiny_config
+from tests._memorized import make_tiny_model
 from tl_privacy import HardConcreteMask, UnsupportedModelError
 from tl_privacy.masks import GAMMA, ZETA
 
@@ -17,7 +16,7 @@ DRAWS = 100_000
 
 @pytest.fixture(scope="module")
 def model():
-    return TransformerBridge.boot_native(tiny_config(d_mlp=64)).eval()
+    return make_tiny_model(d_mlp=64)
 
 
 @pytest.fixture(scope="module")

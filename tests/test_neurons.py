@@ -6,15 +6,14 @@ import json
 
 import pytest
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
-from tests._memorized import tiny_config
+from tests._memorized import make_tiny_model
 from tl_privacy import IncompatibleNeuronsError, PrivacyNeurons
 
 
 @pytest.fixture(scope="module")
 def model():
-    return TransformerBridge.boot_native(tiny_config(d_mlp=64)).eval()
+    return make_tiny_model(d_mlp=64)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def test_save_load_round_trip(tmp_path, model):
 
 
 def test_load_rejects_other_shape(tmp_path):
-    other = TransformerBridge.boot_native(tiny_config(d_mlp=32)).eval()
+    other = make_tiny_model(d_mlp=32)
     PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(tmp_path / "set")
 
     with pytest.raises(IncompatibleNeuronsError, match="d_mlp=64"):

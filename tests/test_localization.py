@@ -1,0 +1,195 @@
+"""The adversarial localizer: gradients, frozen weights, budgets, seeds and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests._memorized import PII_END, PII_START, make_tiny_model
+from tl_privacy import LocalizationConfig, localize
+from tl_privacy.localization import Localizer, as_batches
+from tl_privacy.objectives import pii_runs, pii_suppression_loss
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(d_mlp=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 256, (8, 24), generator=generator)
+    pii_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    pii_mask[:, PII_START:PII_END] = True
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0
+    pii_type_ids = torch.where(pii_mask, 1, -1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pii_mask": pii_mask,
+        "pii_type_ids": pii_type_ids,
+    }
+
+
+def quick(**kwargs) -> LocalizationConfig:
+    return LocalizationConfig(**{"steps": 6, "show_progress": False, "budget": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("keep", ["kl", "ce"])
+def test_one_step_trains_only_log_alpha(model, batch, keep):
+    with Localizer(model, quick(keep_loss=keep)) as localizer:
+        localizer.step(batch)
+        grad = localizer.mask.log_alpha.grad
+
+        assert torch.isfinite(grad).all()
+        assert grad.abs().sum() > 0
+        assert all(param.grad is None for param in model.parameters())
+        assert all(not param.requires_grad for param in model.parameters())
+
+
+def test_model_state_restored(model, batch):
+    flags = [param.requires_grad for param in model.parameters()]
+    before = {name: param.clone() for name, param in model.named_parameters()}
+    model.train()
+
+    localize(model, batch, quick())
+
+    assert model.training
+    model.eval()
+    assert [param.requires_grad for param in model.parameters()] == flags
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_same_seed_same_set(model, batch):
+    config = quick(steps=40, lr=0.3, budget=0.2)
+
+    first = localize(model, batch, config)
+    second = localize(model, batch, config)
+
+    assert torch.equal(first.mask, second.mask)
+    assert torch.equal(first.scores, second.scores)
+
+
+def test_other_seed_other_scores(model, batch):
+    first = localize(model, batch, quick(seed=0))
+    second = localize(model, batch, quick(seed=1))
+
+    assert not torch.equal(first.scores, second.scores)
+
+
+def test_budget_caps_the_set(model, batch):
+    config = quick(steps=40, lr=0.5, budget=5, l0_weight=0.0, selection="closed")
+    neurons = localize(model, batch, config)
+
+    assert neurons.count <= 5
+    assert neurons.stats["budget"] == 5
+    assert neurons.stats["forward_passes"] == 40 + 1
+    assert neurons.stats["backward_passes"] == 40
+
+
+def test_budget_selection_takes_exactly_budget(model, batch):
+    neurons = localize(model, batch, quick(budget=7, selection="budget"))
+
+    assert neurons.count == 7
+    assert neurons.scores[neurons.mask].min() >= neurons.scores[~neurons.mask].max()
+
+
+def test_sufficient_selection_within_budget(model, batch):
+    neurons = localize(model, batch, quick(steps=20, lr=0.3, budget=12))
+
+    assert 1 <= neurons.count <= 12
+    assert neurons.stats["exact_match_ablated"] <= neurons.stats["exact_match_clean"]
+    assert neurons.stats["forward_passes"] > 20
+
+
+def test_budget_fraction_to_count():
+    config = LocalizationConfig(budget=0.01)
+    assert config.budget_count(46080) == 461
+    assert LocalizationConfig(budget=25).budget_count(100) == 25
+    assert LocalizationConfig(budget=None).budget_count(100) is None
+    with pytest.raises(ValueError, match="exceeds"):
+        LocalizationConfig(budget=200).budget_count(100)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("steps", 0, "steps must be positive"),
+        ("lr", -1.0, "lr must be positive"),
+        ("temperature", 0.0, "temperature must be > 0"),
+        ("budget", 0.0, "budget must be"),
+        ("pii_loss", "mse", "pii_loss must be"),
+        ("keep_loss", "l2", "keep_loss must be"),
+        ("pii_types", ("SSN",), "not among type_names"),
+        ("selection", "all", "selection must be"),
+        ("target_reduction", 0.0, "target_reduction must be"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LocalizationConfig(**{field: value})
+
+
+def test_non_finite_loss_names_the_term(model, batch):
+    def poison(activation, hook):
+        return activation * float("nan")
+
+    model.add_hook("blocks.1.mlp.hook_post", poison)
+    try:
+        with pytest.raises(FloatingPointError, match="PII suppression"):
+            localize(model, batch, quick(keep_loss="ce"))
+    finally:
+        model.hook_dict["blocks.1.mlp.hook_post"].remove_hooks("fwd")
+
+    assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_batches_without_pii_rejected(model, batch):
+    empty = {**batch, "pii_mask": torch.zeros_like(batch["pii_mask"])}
+    with pytest.raises(ValueError, match="No batch has a PII token"):
+        localize(model, empty, quick())
+
+
+def test_batch_shape_mismatch_rejected():
+    bad = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "pii_mask": torch.zeros(2, 4)}
+    with pytest.raises(ValueError, match="pii_mask has shape"):
+        as_batches(bad, 8, "cpu")
+
+
+def test_padding_is_never_pii(batch):
+    padded = {**batch, "pii_mask": torch.ones_like(batch["pii_mask"])}
+    (prepared,) = as_batches(padded, 8, "cpu")
+    assert not prepared["pii_mask"][0, -3:].any()
+
+
+def test_plain_tensors_split_into_batches(batch):
+    batches = as_batches(batch, 3, "cpu")
+    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 2]
+
+
+def test_type_restriction(model, batch):
+    other_type = {**batch, "pii_type_ids": torch.where(batch["pii_mask"], 0, -1)}
+    with pytest.raises(ValueError, match="of types"):
+        localize(model, other_type, quick(pii_types=("PHONE",)))
+    neurons = localize(model, batch, quick(pii_types=("PHONE",)))
+    assert neurons.pii_types == ("PHONE",)
+
+
+def test_pii_runs_numbers_strings():
+    pii = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 1]], dtype=torch.bool)
+    runs = pii_runs(pii)
+    assert runs[pii].tolist() == [0, 0, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("form", ["sequence", "unlikelihood", "capped_ce"])
+def test_pii_loss_is_bounded(batch, form):
+    certain = torch.full((8, 24, 256), -1e4)
+    certain.scatter_(-1, batch["input_ids"].roll(-1, dims=1).unsqueeze(-1), 1e4)
+
+    loss = pii_suppression_loss(certain, batch, form)
+
+    assert torch.isfinite(loss)
+    assert loss.abs() <= 14.0
