@@ -1,0 +1,110 @@
+"""Measure what the gate hooks add to a forward and a forward-backward pass.
+
+Four cases on one batch, timed in interleaved rounds so that drift in machine
+load hits every case alike:
+
+  a. forward, no hooks;
+  b. forward, a deterministic (eval) mask on every layer;
+  c. forward and backward, a learnable mask on layer 0 only (the backward pass
+     still runs through the whole model, down to layer 0);
+  d. forward and backward, a learnable mask on every layer.
+
+The last line printed is one JSON object with the medians (seconds) and
+``fwd_ratio = b / a`` and ``fwd_bwd_ratio = d / c``.
+
+Usage: python benchmarks/overhead.py [--model smollm2-135m] [--batch 8] [--seq 64] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from tl_privacy import HardConcreteMask
+from tl_privacy.hooks import attached, mlp_post_name
+from tl_privacy.localization import frozen
+from tl_privacy.models import load_model
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="model name or folder")
+    parser.add_argument("--batch", type=int, default=8, help="rows per batch")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per row")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (>= 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser.parse_args()
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    if args.rounds < 5:
+        raise SystemExit(f"--rounds must be at least 5, got {args.rounds}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    vocab = model.cfg.d_vocab
+    tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+
+    eval_mask = HardConcreteMask.for_model(model).eval()
+    train_mask = HardConcreteMask.for_model(model, seed=0).train()
+    layer0_hooks = [(mlp_post_name(0), train_mask.fwd_hooks()[0][1])]
+
+    def forward_plain() -> None:
+        with torch.no_grad():
+            model(tokens, return_type="logits")
+
+    def forward_masked() -> None:
+        with torch.no_grad(), attached(model, eval_mask.fwd_hooks()):
+            model(tokens, return_type="logits")
+
+    def train_step(hooks) -> None:
+        train_mask.log_alpha.grad = None
+        with attached(model, hooks):
+            logits = model(tokens, return_type="logits")
+        # A cheap scalar loss keeps the timing on the model, not on the loss.
+        logits[:, -1].logsumexp(-1).mean().backward()
+
+    cases = {
+        "fwd_plain": forward_plain,
+        "fwd_masked_all": forward_masked,
+        "fwd_bwd_mask_layer0": lambda: train_step(layer0_hooks),
+        "fwd_bwd_mask_all": lambda: train_step(train_mask.fwd_hooks()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with frozen(model):
+        for fn in cases.values():  # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in cases.items():
+                times[name].append(timed(fn))
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in medians.items():
+        print(f"{name:>22}: median {value * 1000:8.1f} ms over {args.rounds} rounds")
+    summary = {
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        **{f"{name}_s": round(value, 5) for name, value in medians.items()},
+        "fwd_ratio": round(medians["fwd_masked_all"] / medians["fwd_plain"], 4),
+        "fwd_bwd_ratio": round(medians["fwd_bwd_mask_all"] / medians["fwd_bwd_mask_layer0"], 4),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

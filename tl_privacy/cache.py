@@ -1,0 +1,70 @@
+"""The tl_privacy cache folder and atomic writes into it.
+
+Converted models and memorized weights are stored under ``cache_dir()``. Every entry is a
+folder that is written next to its final place under a temporary name and then renamed. A
+crash or an interrupt therefore leaves no half-written entry behind, because an entry either
+exists completely or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CACHE_ENV = "TL_PRIVACY_CACHE"
+DEFAULT_CACHE = Path("~/.cache/tl_privacy")
+
+logger = logging.getLogger("tl_privacy")
+
+
+def cache_dir() -> Path:
+    """Return the cache root: ``$TL_PRIVACY_CACHE`` if set, else ``~/.cache/tl_privacy``.
+
+    The folder is not created here, so reading the setting has no side effects.
+    """
+    configured = os.environ.get(CACHE_ENV, "").strip()
+    root = Path(configured) if configured else DEFAULT_CACHE
+    return root.expanduser()
+
+
+def cache_entry(kind: str, key: str, root: str | Path | None = None) -> Path:
+    """Return the path of entry ``key`` in the ``kind`` section of the cache (not created).
+
+    ``root`` overrides ``cache_dir()``.
+    """
+    if not key or "/" in key or "\\" in key or key in (".", ".."):
+        raise ValueError(f"invalid cache key {key!r}: use a non-empty name without path separators")
+    base = Path(root).expanduser() if root is not None else cache_dir()
+    return base / kind / key
+
+
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that becomes ``target`` when the block succeeds.
+
+    The temporary folder is created in ``target``'s parent, so the final ``os.replace`` is a
+    rename within one file system. If the block raises, the temporary folder is deleted and
+    ``target`` is left untouched. If ``target`` appeared meanwhile (another process filled the
+    same entry), the existing folder is kept and the new copy is discarded, because entries
+    are keyed by their content.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.exists():
+                raise
+            logger.info("cache entry %s was written by another process; keeping it", target)
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
