@@ -44,6 +44,7 @@ from tl_privacy.objectives import (
     reference_log_probs,
     shifted_targets,
 )
+from tl_privacy.precision import autocast
 
 logger = logging.getLogger("tl_privacy")
 
@@ -77,6 +78,10 @@ class LocalizationConfig:
         device: device of the mask and batches; None uses the model's device.
         reference_cache_mb: memory for caching the unmasked model's predictions
             (``kl`` form) across steps; past it they are recomputed each step.
+        precision: ``"bfloat16"`` runs the model's forward pass under bfloat16
+            autocast (the gates and their optimizer stay float32), ``"float32"``
+            does not, and ``"auto"`` picks bfloat16 where the device computes it
+            natively (see :func:`tl_privacy.precision.resolve_precision`).
         selection: how the set is read off the trained gates. ``"sufficient"``
             ranks neurons by ``-log_alpha`` and takes the smallest prefix of the
             ranking, at most the budget, whose zero-ablation cuts the teacher-forced
@@ -105,6 +110,7 @@ class LocalizationConfig:
     seed: int = 0
     device: str | None = None
     reference_cache_mb: float = 1024.0
+    precision: str = "auto"
     selection: SelectionRule = "sufficient"
     target_reduction: float = 0.9
     show_progress: bool = True
@@ -138,6 +144,10 @@ class LocalizationConfig:
                     f"pii_types {unknown} are not among type_names {list(self.type_names)}."
                 )
         self.type_names = tuple(self.type_names)
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(
+                f"precision must be 'auto', 'bfloat16' or 'float32', got {self.precision!r}."
+            )
         if self.selection not in ("sufficient", "closed", "budget"):
             raise ValueError(
                 f"selection must be 'sufficient', 'closed' or 'budget', got {self.selection!r}."
@@ -355,11 +365,14 @@ class Localizer:
 
         def compute() -> torch.Tensor:
             self.passes["forward"] += 1
-            with torch.no_grad(), self.mask.bypassed():
+            with torch.no_grad(), self.mask.bypassed(), self._autocast():
                 logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
             return reference_log_probs(logits, batch)
 
         return self._references.get(key, compute)
+
+    def _autocast(self):
+        return autocast(self.model, self.config.precision)
 
     def step(self, batch: Batch, key: int = 0) -> None:
         """One optimizer step of the gates on ``batch``; ``key`` names the batch for caching."""
@@ -368,7 +381,8 @@ class Localizer:
         config = self.config
         reference = self._reference(key, batch)
 
-        logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        with self._autocast():
+            logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
         pii_term = pii_suppression_loss(logits, batch, config.pii_loss)
         keep_term = keep_loss(logits, batch, config.keep_loss, reference)
         expected_closed = self.mask.expected_closed()
@@ -467,7 +481,7 @@ class Localizer:
         """
         hooks = [] if neurons is None else neurons.ablation_hooks()
         matched = total = 0
-        with torch.no_grad(), self.mask.bypassed(), attached(self.model, hooks):
+        with torch.no_grad(), self.mask.bypassed(), attached(self.model, hooks), self._autocast():
             for batch in self._data:
                 self.passes["forward"] += 1
                 logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])

@@ -33,6 +33,7 @@ from tl_privacy.data.records import PIIRecord
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items
 from tl_privacy.extraction import exact_match_teacher_forced
 from tl_privacy.models import model_fingerprint, model_id
+from tl_privacy.precision import resolve_precision
 
 logger = logging.getLogger("tl_privacy")
 
@@ -159,29 +160,6 @@ def default_lr(model: torch.nn.Module) -> float:
     """
     parameters = sum(parameter.numel() for parameter in model.parameters())
     return SMALL_MODEL_LR if parameters < SMALL_MODEL_PARAMETERS else LARGE_MODEL_LR
-
-
-def resolve_precision(model: Any, precision: str) -> str:
-    """Resolve ``"auto"`` to ``"bfloat16"`` or ``"float32"`` for the model's device.
-
-    ``"auto"`` is bfloat16 on CUDA devices that support it and on CPUs with AVX512-BF16 or
-    AMX, where bfloat16 matrix products run natively. Elsewhere autocast would emulate
-    bfloat16 and be slower, so it is float32. On one thread of an AVX512-BF16 CPU (AMD EPYC),
-    a SmolLM2-135M step (batch 8, about 100 tokens, MLP weights trained) took 4.0 s in
-    bfloat16 against 6.9 s in float32, with losses equal to 3 decimals.
-    """
-    if precision != "auto":
-        return precision
-    device = next(iter(model.parameters())).device
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type != "cpu":
-        return "float32"
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # private helpers, absent from some torch builds
-        native = False
-    return "bfloat16" if native else "float32"
 
 
 def memorize(
