@@ -1,0 +1,1349 @@
+"""Leakage and utility metrics of a model under any list of forward hooks.
+
+Every metric runs the model under ``fwd_hooks``, so the clean model (no hooks), the model with
+privacy neurons ablated and the baselines share one code path. Hooks are attached with
+:func:`tl_privacy.hooks.attached` and removed when the metric returns, also on errors.
+
+Metrics:
+
+- Exposure (Carlini et al., "The Secret Sharer", USENIX Security 2019): each PII string is
+  ranked among ``n`` candidate strings of the same format by the model's log-likelihood of the
+  whole string given the record's prefix (sum of token log-probabilities, in nats), and
+  ``exposure = log2(n + 1) - log2(rank)`` bits. Ties count against the true PII (see
+  :func:`exposure_from_scores`).
+- Mean reciprocal rank (MRR) of the true PII over the same candidates.
+- Teacher-forced PII token accuracy and cross-entropy on the tokens of ``pii_mask``.
+- Perplexity, ``exp`` of the mean token negative log-likelihood (natural log), on the
+  non-PII tokens of records and on general English text.
+
+Scoring 1,000 candidates for each of 160 PII items naively means 160,000 sequences of a whole
+record prefix plus a candidate. :func:`record_metrics` instead runs each record once with a KV
+cache, reads the true PII's score and the candidates' first tokens from that pass, and scores
+the rest of the candidates as a token trie behind the cached record. Each forward pass runs
+one trie level, with a 4-D attention mask so that each trie node sees only its item's prefix
+and its own ancestors ("tree attention"), so candidates that share leading tokens share their
+computation. A candidate whose partial log-likelihood is already below the true PII's is
+dropped, because further tokens can only lower it, so the ranks stay exact. Models without a
+usable KV cache (TL-native models) score each candidate as one ``prefix + candidate``
+sequence instead, which gives the same ranks at a higher cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_privacy.data.general import general_text
+from tl_privacy.data.records import PIIRecord
+from tl_privacy.data.synthetic import candidates_for
+from tl_privacy.data.tokenization import (
+    PIIItem,
+    make_batches,
+    pad_token_id,
+    pii_items,
+    type_names_for,
+)
+from tl_privacy.hooks import attached, model_logits
+
+logger = logging.getLogger("tl_privacy")
+
+DEFAULT_N_CANDIDATES = 1000
+"""Candidates per PII item for exposure and MRR, as in the "Secret Sharer" experiments."""
+
+CANDIDATE_TYPES = ("EMAIL", "PHONE", "NAME", "ADDRESS")
+"""PII types that :func:`tl_privacy.data.synthetic.candidates_for` can draw candidates for."""
+
+DEFAULT_WINDOW = 256
+"""Tokens per window (BOS included) for perplexity on long text, capped at the model's n_ctx."""
+
+
+# ---- ranks, exposure and MRR ----
+
+
+def exposure_from_scores(
+    true_score: float,
+    candidate_scores: Sequence[float] | Tensor,
+    tolerance: float = 0.0,
+) -> tuple[int, float]:
+    """Rank the true PII among candidate strings and return ``(rank, exposure)``.
+
+    Tie rule (pessimistic): ``rank = 1 + #{candidates scoring higher} + #{candidates scoring
+    equal}``, so a candidate that ties with the true PII counts as ranked above it. A candidate
+    counts as equal when its score is within ``tolerance`` of the true score.
+    ``exposure = log2(N) - log2(rank)`` bits, with ``N`` the number of candidates plus the true
+    PII: from ``log2(N)`` when the true PII scores highest to 0 when it scores lowest.
+
+    Args:
+        true_score: the model's log-likelihood of the true PII (any monotone score works).
+        candidate_scores: the scores of the other candidates, in the same units.
+        tolerance: width of the tie band, in the scores' units (>= 0).
+
+    Raises:
+        ValueError: if a score is NaN or the tolerance is negative.
+    """
+    scores = torch.as_tensor(candidate_scores, dtype=torch.float64).flatten()
+    if math.isnan(true_score) or bool(torch.isnan(scores).any()):
+        raise ValueError("exposure_from_scores got a NaN score; scores must be numbers or -inf.")
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
+    rank = 1 + int((scores >= true_score - tolerance).sum())
+    return rank, exposure_from_rank(rank, len(scores))
+
+
+def exposure_from_rank(rank: int, n_candidates: int) -> float:
+    """Exposure in bits of a true PII at ``rank`` among ``n_candidates`` other candidates."""
+    if not 1 <= rank <= n_candidates + 1:
+        raise ValueError(
+            f"rank must be between 1 and n_candidates + 1 = {n_candidates + 1}, got {rank}."
+        )
+    return math.log2(n_candidates + 1) - math.log2(rank)
+
+
+def mean_reciprocal_rank(ranks: Sequence[int]) -> float:
+    """Mean of ``1 / rank`` over ``ranks`` (1 is best); NaN when there are no ranks."""
+    if len(ranks) == 0:
+        return math.nan
+    if any(rank < 1 for rank in ranks):
+        raise ValueError(f"ranks must be >= 1, got {min(ranks)}.")
+    return sum(1.0 / rank for rank in ranks) / len(ranks)
+
+
+# ---- teacher-forced token losses ----
+
+
+def token_nll(
+    model: Any,
+    input_ids: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> tuple[Float[Tensor, "batch pos_1"], Bool[Tensor, "batch pos_1"]]:
+    """Negative log-likelihood (nats) of each next token, and where it is defined.
+
+    Position ``t`` of the result is ``-log p(input_ids[:, t + 1] | input_ids[:, :t + 1])``.
+    It is valid where both tokens are real (``attention_mask`` 1); elsewhere it is 0. Left
+    and right padding give the same values for the real tokens, because the attention mask
+    is passed on and TransformerLens derives the positions from it.
+    """
+    logits = model_logits(model, input_ids, attention_mask)
+    return _nll_from_logits(logits, input_ids, attention_mask)
+
+
+def _nll_from_logits(
+    logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    targets = input_ids[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    ).view_as(targets)
+    if attention_mask is None:
+        valid = torch.ones_like(targets, dtype=torch.bool)
+    else:
+        real = attention_mask.bool()
+        valid = real[:, :-1] & real[:, 1:]
+    return nll.masked_fill(~valid, 0.0), valid
+
+
+def sequence_nll(
+    model: Any,
+    sequences: Sequence[Int[Tensor, " pos"]],
+    *,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    batch_size: int = 8,
+    padding_side: str = "right",
+) -> list[Float[Tensor, " pos_1"]]:
+    """Per-token negative log-likelihoods (nats) of each sequence, batched with padding.
+
+    Returns, for each sequence of length ``n``, a tensor of ``n - 1`` losses: entry ``t`` is
+    the loss of token ``t + 1``. ``padding_side`` only changes how batches are padded; the
+    losses are the same either way (up to float rounding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    for index, sequence in enumerate(sequences):
+        if sequence.dim() != 1 or len(sequence) < 2:
+            raise ValueError(
+                f"sequence {index} has shape {tuple(sequence.shape)}; each needs at least two "
+                "tokens (a first token to condition on and one to predict)."
+            )
+
+    device = _model_device(model)
+    pad_id = _model_pad_id(model)
+    losses: list[Tensor] = []
+    with torch.no_grad(), attached(model, list(fwd_hooks)):
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start : start + batch_size]
+            input_ids, attention_mask = _pad(chunk, pad_id, padding_side)
+            nll, _ = token_nll(model, input_ids.to(device), attention_mask.to(device))
+            nll = nll.cpu()
+            width = input_ids.shape[1]
+            for row, sequence in enumerate(chunk):
+                first = 0 if padding_side == "right" else width - len(sequence)
+                losses.append(nll[row, first : first + len(sequence) - 1])
+    return losses
+
+
+def perplexity(
+    model: Any,
+    sequences: Sequence[Int[Tensor, " pos"]],
+    *,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    batch_size: int = 8,
+) -> float:
+    """Perplexity ``exp(mean token NLL)`` over all predicted tokens of ``sequences``."""
+    losses = sequence_nll(model, sequences, fwd_hooks=fwd_hooks, batch_size=batch_size)
+    total = sum(float(loss.double().sum()) for loss in losses)
+    count = sum(len(loss) for loss in losses)
+    return math.exp(total / count) if count else math.nan
+
+
+def text_windows(
+    tokenizer: Any,
+    text: str | None = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    max_tokens: int | None = None,
+) -> list[Int[Tensor, " pos"]]:
+    """Tokenize ``text`` (default: :func:`tl_privacy.data.general_text`) into model windows.
+
+    The text's tokens (at most ``max_tokens`` of them) are cut into consecutive pieces of
+    ``window - 1`` tokens and each piece gets the tokenizer's BOS token in front, so every
+    window is a valid model input of at most ``window`` tokens. A tokenizer without BOS gives
+    windows of ``window`` text tokens. A last piece of a single token is dropped, because it
+    has no token to predict.
+    """
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    text = general_text() if text is None else text
+    ids = [int(token) for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1 or None, got {max_tokens}.")
+        ids = ids[:max_tokens]
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    piece = window - 1 if bos is not None else window
+    windows = []
+    for start in range(0, len(ids), piece):
+        tokens = ids[start : start + piece]
+        if bos is not None:
+            tokens = [int(bos), *tokens]
+        if len(tokens) >= 2:
+            windows.append(torch.tensor(tokens, dtype=torch.long))
+    return windows
+
+
+def general_perplexity(
+    model: Any,
+    tokenizer: Any,
+    *,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    max_tokens: int | None = None,
+    window: int = DEFAULT_WINDOW,
+    batch_size: int = 8,
+) -> float:
+    """Perplexity on the bundled general English text, in windows of the model's context.
+
+    The window is ``min(window, model.cfg.n_ctx)`` tokens, BOS included.
+    """
+    n_ctx = getattr(model.cfg, "n_ctx", None) or window
+    windows = text_windows(tokenizer, window=min(window, int(n_ctx)), max_tokens=max_tokens)
+    return perplexity(model, windows, fwd_hooks=fwd_hooks, batch_size=batch_size)
+
+
+# ---- metrics of PII records: token metrics and exposure ----
+
+
+@dataclass(frozen=True)
+class ExposureConfig:
+    """Settings of exposure and MRR.
+
+    Attributes:
+        n_candidates: candidate strings per PII item, drawn with
+            :func:`tl_privacy.data.synthetic.candidates_for`. When fewer distinct candidates
+            exist for an item (a 7-digit phone number has 99), the count is halved until
+            drawing succeeds, and the item's ``n_candidates`` records how many were used.
+        seed: seed of the candidate draws. Each item gets a ``random.Random`` seeded with the
+            seed, its type and its text, so its candidates do not depend on the other items.
+        tie_tolerance: candidates within this many nats of the true score count as ties.
+        max_job_nodes: trie nodes per scoring job; larger tries are split into jobs of
+            contiguous candidates with tries of about this size.
+        max_row_nodes: trie nodes per batch row. Jobs of one record share a row (and its
+            cached keys and values) up to this many nodes, which bounds the cache and the
+            attention cost of a row.
+        rows_per_pass: batch rows scored side by side in one forward pass.
+        max_query_tokens: trie nodes run in one forward pass, over all its rows.
+        use_kv_cache: score tries behind a KV cache where the model supports it.
+        max_items_per_type: rank only the first this many items of each PII type (in
+            record order), or all with None; the others get no rank. Exposure costs about
+            ``n_candidates`` times the PII length in tokens per item, so this bounds it.
+    """
+
+    n_candidates: int = DEFAULT_N_CANDIDATES
+    seed: int = 0
+    tie_tolerance: float = 0.0
+    max_job_nodes: int = 1024
+    max_row_nodes: int = 2048
+    rows_per_pass: int = 8
+    max_query_tokens: int = 512
+    use_kv_cache: bool = True
+    max_items_per_type: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_candidates < 1:
+            raise ValueError(f"n_candidates must be at least 1, got {self.n_candidates}.")
+        if self.tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}.")
+        for name in ("max_job_nodes", "max_row_nodes", "rows_per_pass", "max_query_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_items_per_type is not None and self.max_items_per_type < 1:
+            raise ValueError(
+                f"max_items_per_type must be at least 1 or None, got {self.max_items_per_type}."
+            )
+
+
+@dataclass(frozen=True)
+class ItemExposure:
+    """The rank of one PII item among its candidates.
+
+    ``log_likelihood`` is the model's log-probability of the PII tokens given the prefix, in
+    nats. ``rank`` and ``exposure`` are None for a type without a candidate generator and for
+    items beyond ``ExposureConfig.max_items_per_type``.
+    """
+
+    record_index: int
+    span_index: int
+    type: str
+    log_likelihood: float
+    rank: int | None
+    n_candidates: int
+    exposure: float | None
+
+
+@dataclass(frozen=True)
+class ExposureResult:
+    """Exposure and MRR of a list of PII items, with per-item ranks."""
+
+    items: list[ItemExposure]
+
+    @property
+    def ranked(self) -> list[ItemExposure]:
+        """The items that have a rank."""
+        return [item for item in self.items if item.rank is not None]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [int(item.rank) for item in self.ranked]
+
+    @property
+    def distribution(self) -> list[float]:
+        """Exposure of each ranked item, in bits, in item order."""
+        return [float(item.exposure) for item in self.ranked]
+
+    @property
+    def exposure_mean(self) -> float:
+        values = self.distribution
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def mrr(self) -> float:
+        return mean_reciprocal_rank(self.ranks)
+
+    def by_type(self) -> dict[str, dict[str, float]]:
+        """Exposure mean, MRR and counts per PII type, in order of first appearance."""
+        types = dict.fromkeys(item.type for item in self.items)
+        result = {}
+        for pii_type in types:
+            subset = ExposureResult([item for item in self.items if item.type == pii_type])
+            ranked = subset.ranked
+            result[pii_type] = {
+                "n_items": len(subset.items),
+                "exposure_mean": subset.exposure_mean,
+                "mrr": subset.mrr,
+                "n_candidates": (
+                    sum(item.n_candidates for item in ranked) / len(ranked) if ranked else 0
+                ),
+            }
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "exposure_mean": self.exposure_mean,
+            "mrr": self.mrr,
+            "distribution": self.distribution,
+            "by_type": self.by_type(),
+            "items": [asdict(item) for item in self.items],
+        }
+
+
+@dataclass
+class TokenMetrics:
+    """Teacher-forced metrics over the tokens of a set of records.
+
+    Attributes:
+        pii_token_accuracy: share of PII tokens that are the argmax prediction.
+        pii_cross_entropy: mean NLL of the PII tokens, in nats.
+        perplexity: ``exp`` of the mean NLL of the real non-PII tokens (natural log).
+        n_pii_tokens: PII tokens counted (of the selected types).
+        n_other_tokens: non-PII tokens counted.
+        by_type: per PII type, ``{"pii_token_accuracy", "pii_cross_entropy", "n_tokens"}``.
+    """
+
+    pii_token_accuracy: float
+    pii_cross_entropy: float
+    perplexity: float
+    n_pii_tokens: int
+    n_other_tokens: int
+    by_type: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemScore:
+    """Teacher-forced scores of one PII item in its record.
+
+    ``log_likelihood`` is the log-probability of the PII tokens given the prefix, in nats.
+    ``exact`` is True when the argmax prediction is the true token at every PII position,
+    which is exactly when greedy decoding from the prefix reproduces the PII tokens (up to
+    ties between logits).
+    """
+
+    log_likelihood: float
+    exact: bool
+
+
+@dataclass
+class RecordMetrics:
+    """Token metrics, per-item scores, exposure (None when skipped) and the PII items of a
+    list of records; ``item_scores[i]`` belongs to ``items[i]``."""
+
+    tokens: TokenMetrics
+    exposure: ExposureResult | None
+    items: list[PIIItem]
+    item_scores: list[ItemScore]
+
+
+def record_metrics(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[PIIRecord],
+    *,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    batch_size: int = 8,
+    types: Sequence[str] | None = None,
+    exposure: ExposureConfig | None = None,
+) -> RecordMetrics:
+    """Measure token metrics and, with ``exposure``, exposure and MRR of ``records``.
+
+    One teacher-forced forward pass per batch of records gives the PII token accuracy and
+    cross-entropy, the non-PII perplexity, each PII item's log-likelihood and teacher-forced
+    exact match, and its candidates' first-token scores. The remaining candidate tokens are
+    scored behind that pass (see the module docstring).
+
+    Args:
+        records: records with PII spans; each is tokenized with BOS, as in
+            :func:`tl_privacy.data.tokenization.make_batches`.
+        types: PII types to measure (default all); tokens of other types count neither as
+            PII nor towards perplexity.
+        exposure: exposure settings, or None to skip exposure and MRR.
+    """
+    if not records:
+        raise ValueError("record_metrics needs at least one record, got none.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    type_names = type_names_for(records)
+    selected = _selected_type_ids(types, type_names)
+    items = pii_items(tokenizer, records, types=types)
+    items_by_record: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        items_by_record.setdefault(item.record_index, []).append(index)
+
+    plans = _exposure_plans(tokenizer, items, exposure) if exposure is not None else None
+    batches = make_batches(tokenizer, records, batch_size, type_names=type_names)
+    counts = _TokenCounts(type_names)
+    item_exposures: dict[int, ItemExposure] = {}
+    item_scores: dict[int, ItemScore] = {}
+    device = _model_device(model)
+    cache_mode = None
+    if exposure is not None and exposure.use_kv_cache and plans:
+        cache_mode = tree_cache_mode(model)
+
+    with ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(attached(model, list(fwd_hooks)))
+        if cache_mode == "renamed":
+            stack.enter_context(_cache_kwarg_renamed(model))
+        for batch in batches:
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            if cache_mode is not None:
+                logits, cache = _forward_with_cache(model, input_ids, attention_mask)
+            else:
+                logits, cache = model_logits(model, input_ids, attention_mask), None
+            counts.add(logits, batch, selected)
+
+            rows = {int(record): row for row, record in enumerate(batch["record_index"])}
+            batch_items = [index for record in rows for index in items_by_record.get(record, [])]
+            paths = {
+                index: _true_path(logits, input_ids, rows[items[index].record_index], items[index])
+                for index in batch_items
+            }
+            for index, path in paths.items():
+                item_scores[index] = ItemScore(log_likelihood=path.score, exact=path.exact)
+            if plans is None:
+                continue
+            scorer = _TrieScorer(model, cache, input_ids, rows, items, paths, plans, exposure)
+            item_exposures.update(scorer.score(batch_items))
+
+    exposure_result = None
+    if plans is not None:
+        exposure_result = ExposureResult([item_exposures[i] for i in range(len(items))])
+    return RecordMetrics(
+        tokens=counts.result(),
+        exposure=exposure_result,
+        items=items,
+        item_scores=[item_scores[i] for i in range(len(items))],
+    )
+
+
+def exposure_scores(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[PIIRecord],
+    *,
+    fwd_hooks: Sequence[tuple[str, Any]] = (),
+    config: ExposureConfig | None = None,
+    types: Sequence[str] | None = None,
+    batch_size: int = 8,
+) -> ExposureResult:
+    """Exposure and MRR of the PII items of ``records`` (see :func:`record_metrics`)."""
+    result = record_metrics(
+        model,
+        tokenizer,
+        records,
+        fwd_hooks=fwd_hooks,
+        batch_size=batch_size,
+        types=types,
+        exposure=config or ExposureConfig(),
+    )
+    assert result.exposure is not None
+    return result.exposure
+
+
+def _selected_type_ids(types: Sequence[str] | None, type_names: Sequence[str]) -> Tensor | None:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        types = (types,)
+    unknown = [t for t in types if t not in type_names]
+    if unknown:
+        raise ValueError(
+            f"types {unknown} do not occur in the records' spans, which have {list(type_names)}."
+        )
+    return torch.tensor([type_names.index(t) for t in types])
+
+
+class _TokenCounts:
+    """Sums of teacher-forced token losses and hits, accumulated over batches."""
+
+    def __init__(self, type_names: Sequence[str]) -> None:
+        self.type_names = tuple(type_names)
+        n_types = len(self.type_names)
+        self.pii_nll = torch.zeros(n_types, dtype=torch.float64)
+        self.pii_hits = torch.zeros(n_types, dtype=torch.float64)
+        self.pii_count = torch.zeros(n_types, dtype=torch.float64)
+        self.other_nll = 0.0
+        self.other_count = 0
+
+    def add(self, logits: Tensor, batch: dict[str, Tensor], selected: Tensor | None) -> None:
+        input_ids = batch["input_ids"].to(logits.device)
+        attention_mask = batch["attention_mask"].to(logits.device)
+        nll, valid = _nll_from_logits(logits, input_ids, attention_mask)
+        nll, valid = nll.cpu().double(), valid.cpu()
+        hits = (logits[:, :-1].argmax(-1) == input_ids[:, 1:]).cpu()
+
+        pii = batch["pii_mask"][:, 1:].bool() & valid
+        type_ids = batch["pii_type_ids"][:, 1:]
+        counted = pii if selected is None else pii & torch.isin(type_ids, selected)
+        ids = type_ids[counted]
+        self.pii_nll.index_add_(0, ids, nll[counted])
+        self.pii_hits.index_add_(0, ids, hits[counted].double())
+        self.pii_count.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+
+        other = valid & ~pii
+        self.other_nll += float(nll[other].sum())
+        self.other_count += int(other.sum())
+
+    def result(self) -> TokenMetrics:
+        total = float(self.pii_count.sum())
+        by_type = {}
+        for index, name in enumerate(self.type_names):
+            count = float(self.pii_count[index])
+            if count == 0:
+                continue
+            by_type[name] = {
+                "pii_token_accuracy": float(self.pii_hits[index]) / count,
+                "pii_cross_entropy": float(self.pii_nll[index]) / count,
+                "n_tokens": int(count),
+            }
+        other_mean = self.other_nll / self.other_count if self.other_count else math.nan
+        return TokenMetrics(
+            pii_token_accuracy=float(self.pii_hits.sum()) / total if total else math.nan,
+            pii_cross_entropy=float(self.pii_nll.sum()) / total if total else math.nan,
+            perplexity=math.exp(other_mean) if self.other_count else math.nan,
+            n_pii_tokens=int(total),
+            n_other_tokens=self.other_count,
+            by_type=by_type,
+        )
+
+
+# ---- exposure: candidate tries ----
+
+
+@dataclass(frozen=True)
+class _TrieJob:
+    """A token trie of the true PII and some of its candidates; hook-independent.
+
+    Node ``i`` holds ``tokens[i]`` at ``depths[i]`` (1 = first PII token) below ``parents[i]``
+    (-1 = the item's prefix). ``true_depth[i]`` is ``depths[i]`` for nodes on the true PII's
+    path and 0 elsewhere; those nodes take their logits from the record's own forward pass.
+    ``levels[d - 1]`` lists the nodes at depth ``d``. ``terminals[j]`` is the node where
+    candidate ``j`` of this job ends.
+    """
+
+    tokens: Tensor
+    parents: Tensor
+    depths: Tensor
+    true_depth: Tensor
+    has_children: Tensor
+    levels: tuple[Tensor, ...]
+    terminals: Tensor
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class _ExposurePlan:
+    """The candidate tries of one PII item, split into jobs."""
+
+    n_candidates: int
+    jobs: tuple[_TrieJob, ...]
+
+
+# Candidate tries per (tokenizer, item, settings). Drawing candidates is slow (about 30 s for
+# 160 items x 1,000 candidates on 2 CPU cores), and the same tries serve every hook set.
+_PLAN_CACHE: OrderedDict[tuple, tuple[Any, _ExposurePlan | None]] = OrderedDict()
+_PLAN_CACHE_SIZE = 4096
+
+
+def _exposure_plans(
+    tokenizer: Any, items: Sequence[PIIItem], config: ExposureConfig
+) -> dict[int, _ExposurePlan]:
+    plans = {}
+    skipped: set[str] = set()
+    per_type: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.type not in CANDIDATE_TYPES:
+            skipped.add(item.type)
+            continue
+        per_type[item.type] = per_type.get(item.type, 0) + 1
+        if (
+            config.max_items_per_type is not None
+            and per_type[item.type] > config.max_items_per_type
+        ):
+            continue
+        key = (
+            id(tokenizer),
+            item.type,
+            item.text,
+            tuple(item.target_ids.tolist()),
+            config.n_candidates,
+            config.seed,
+            config.max_job_nodes,
+        )
+        cached = _PLAN_CACHE.get(key)
+        # The tokenizer is kept in the entry so its id cannot be reused by another object.
+        if cached is None or cached[0] is not tokenizer:
+            cached = (tokenizer, _plan_item(tokenizer, item, config))
+            _PLAN_CACHE[key] = cached
+            while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+                _PLAN_CACHE.popitem(last=False)
+        else:
+            _PLAN_CACHE.move_to_end(key)
+        plans[index] = cached[1]
+    if skipped:
+        logger.info("exposure: no candidate generator for PII types %s; skipped", sorted(skipped))
+    return plans
+
+
+def _plan_item(tokenizer: Any, item: PIIItem, config: ExposureConfig) -> _ExposurePlan:
+    strings = _draw_candidates(item, config.n_candidates, config.seed)
+    sequences = _candidate_token_sequences(tokenizer, item, strings)
+    true_sequence = tuple(int(token) for token in item.target_ids)
+    jobs = tuple(
+        _build_trie(true_sequence, group)
+        for group in _split_by_nodes(sorted(sequences), config.max_job_nodes)
+    )
+    return _ExposurePlan(n_candidates=len(sequences), jobs=jobs)
+
+
+def _draw_candidates(item: PIIItem, n: int, seed: int) -> list[str]:
+    # A string seed is hashed with SHA-512 by random.Random, so draws match across processes.
+    rng_seed = f"{seed}|{item.type}|{item.text}"
+    count = n
+    while True:
+        try:
+            return candidates_for(item.text, item.type, count, random.Random(rng_seed))
+        except ValueError:
+            if count == 1:
+                raise
+            count = max(1, count // 2)
+            logger.info(
+                "exposure: fewer than %d candidates exist for a %s item; trying %d",
+                count * 2,
+                item.type,
+                count,
+            )
+
+
+def _candidate_token_sequences(
+    tokenizer: Any, item: PIIItem, strings: Sequence[str]
+) -> list[tuple[int, ...]]:
+    """Tokenize each candidate as it would appear in place of the PII in the record.
+
+    The decoded target tokens may include a leading space (merged into the first PII token)
+    or characters after the span; the candidate replaces only the PII text inside them.
+    """
+    target = tokenizer.decode(item.target_ids.tolist(), clean_up_tokenization_spaces=False)
+    start = target.find(item.text)
+    if start < 0:
+        raise ValueError(
+            f"the decoded tokens of a {item.type} item (record {item.record_index}, span "
+            f"{item.span_index}) do not contain its PII text, so candidates cannot replace it; "
+            "the tokenizer's decode must reproduce the text"
+        )
+    before, after = target[:start], target[start + len(item.text) :]
+    texts = [before + candidate + after for candidate in strings]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [tuple(int(token) for token in ids) for ids in encoded if ids]
+
+
+def _split_by_nodes(
+    sequences: Sequence[tuple[int, ...]], max_nodes: int
+) -> list[list[tuple[int, ...]]]:
+    """Cut sorted sequences into contiguous groups whose tries have about ``max_nodes`` nodes.
+
+    Sorted neighbours share the longest prefixes, so contiguous groups lose little sharing.
+    """
+    groups: list[list[tuple[int, ...]]] = []
+    current: list[tuple[int, ...]] = []
+    nodes = 0
+    previous: tuple[int, ...] = ()
+    for sequence in sequences:
+        shared = _common_prefix(previous, sequence) if current else 0
+        new_nodes = len(sequence) - shared
+        if current and nodes + new_nodes > max_nodes:
+            groups.append(current)
+            current, nodes, shared = [], 0, 0
+            new_nodes = len(sequence)
+        current.append(sequence)
+        nodes += new_nodes
+        previous = sequence
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _build_trie(true_sequence: tuple[int, ...], candidates: Sequence[tuple[int, ...]]) -> _TrieJob:
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+
+    def insert(sequence: tuple[int, ...]) -> int:
+        node = -1
+        for depth, token in enumerate(sequence, start=1):
+            key = (node, token)
+            child = index.get(key)
+            if child is None:
+                child = len(tokens)
+                index[key] = child
+                tokens.append(token)
+                parents.append(node)
+                depths.append(depth)
+            node = child
+        return node
+
+    insert(true_sequence)
+    n_true = len(tokens)
+    terminals = [insert(sequence) for sequence in candidates]
+
+    parent_tensor = torch.tensor(parents, dtype=torch.long)
+    depth_tensor = torch.tensor(depths, dtype=torch.long)
+    has_children = torch.zeros(len(tokens), dtype=torch.bool)
+    has_children[parent_tensor[parent_tensor >= 0]] = True
+    true_depth = torch.zeros(len(tokens), dtype=torch.long)
+    true_depth[:n_true] = depth_tensor[:n_true]
+    max_depth = int(depth_tensor.max())
+    levels = tuple((depth_tensor == d).nonzero().flatten() for d in range(1, max_depth + 1))
+    return _TrieJob(
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        parents=parent_tensor,
+        depths=depth_tensor,
+        true_depth=true_depth,
+        has_children=has_children,
+        levels=levels,
+        terminals=torch.tensor(terminals, dtype=torch.long),
+    )
+
+
+# ---- exposure: scoring tries behind the record's forward pass ----
+
+
+@dataclass(frozen=True)
+class _TruePath:
+    """The true PII's log-softmax rows (from ``prefix_len - 1`` to the last PII token, so
+    ``[target_len + 1, d_vocab]``), its log-likelihood and its teacher-forced exact match."""
+
+    log_probs: Tensor
+    score: float
+    exact: bool
+
+
+def _true_path(logits: Tensor, input_ids: Tensor, row: int, item: PIIItem) -> _TruePath:
+    prefix_len, target_len = len(item.prefix_ids), len(item.target_ids)
+    record_tokens = input_ids[row, prefix_len : prefix_len + target_len].cpu()
+    if not torch.equal(record_tokens, item.target_ids):
+        raise RuntimeError(
+            f"the PII tokens of record {item.record_index}, span {item.span_index} differ "
+            "between pii_items and make_batches; both must tokenize records the same way"
+        )
+    columns = logits[row, prefix_len - 1 : prefix_len + target_len].float()
+    log_probs = F.log_softmax(columns, dim=-1).cpu()
+    predicted = columns[:target_len].argmax(-1).cpu()
+
+    # Summed one token at a time in float32, exactly as the trie sums candidate paths.
+    score = torch.zeros((), dtype=torch.float32)
+    for depth, token in enumerate(item.target_ids.tolist()):
+        score = score + log_probs[depth, token]
+    exact = bool(torch.equal(predicted, item.target_ids))
+    return _TruePath(log_probs=log_probs, score=float(score), exact=exact)
+
+
+@dataclass
+class _JobState:
+    """One job being scored: its trie, the record row it extends and running scores."""
+
+    job: _TrieJob
+    item: int
+    row: int
+    prefix_len: int
+    true_log_probs: Tensor  # [target_len + 1, d_vocab], log-softmax at prefix_len - 1 onwards
+    bound: float
+    cum: Tensor  # [n_nodes] log-likelihood of each node's path; -inf when pruned
+    cols: Tensor  # [n_nodes] cache column of each node that has keys and values, else -1
+
+
+class _TrieScorer:
+    """Scores the candidate tries of the items of one record batch, level by level."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        input_ids: Tensor,
+        rows: dict[int, int],
+        items: Sequence[PIIItem],
+        paths: dict[int, _TruePath],
+        plans: dict[int, _ExposurePlan],
+        config: ExposureConfig,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.input_ids = input_ids
+        self.rows = rows
+        self.items = items
+        self.paths = paths
+        self.plans = plans
+        self.config = config
+
+    def score(self, item_indices: Sequence[int]) -> dict[int, ItemExposure]:
+        results = {}
+        states: list[_JobState] = []
+        for index in item_indices:
+            plan = self.plans.get(index)
+            if plan is None:
+                continue
+            path = self.paths[index]
+            for job in plan.jobs:
+                states.append(self._new_state(index, job, path.log_probs, path.score))
+
+        higher = dict.fromkeys(item_indices, 0)
+        # Rows of similar size waste little padding side by side.
+        rows = sorted(self._rows(states), key=lambda row: sum(s.job.n_nodes for s in row))
+        for start in range(0, len(rows), self.config.rows_per_pass):
+            group = rows[start : start + self.config.rows_per_pass]
+            self._score_group(group)
+            for state in (state for row in group for state in row):
+                finals = state.cum[state.job.terminals]
+                higher[state.item] += int((finals >= state.bound).sum())
+
+        for index in item_indices:
+            item = self.items[index]
+            plan = self.plans.get(index)
+            rank = None if plan is None else 1 + higher[index]
+            n_candidates = 0 if plan is None else plan.n_candidates
+            results[index] = ItemExposure(
+                record_index=item.record_index,
+                span_index=item.span_index,
+                type=item.type,
+                log_likelihood=self.paths[index].score,
+                rank=rank,
+                n_candidates=n_candidates,
+                exposure=None if rank is None else exposure_from_rank(rank, n_candidates),
+            )
+        return results
+
+    def _rows(self, states: list[_JobState]) -> list[list[_JobState]]:
+        """Pack the jobs of each record into batch rows of at most ``max_row_nodes`` nodes.
+
+        The jobs of one record extend the same cached record, so they can share its row.
+        A record carries PII of every type, which makes rows of different records similar
+        in size at every trie level.
+        """
+        by_record: dict[int, list[_JobState]] = {}
+        for state in states:
+            by_record.setdefault(state.row, []).append(state)
+        rows = []
+        for record_states in by_record.values():
+            row: list[_JobState] = []
+            nodes = 0
+            for state in record_states:
+                if row and nodes + state.job.n_nodes > self.config.max_row_nodes:
+                    rows.append(row)
+                    row, nodes = [], 0
+                row.append(state)
+                nodes += state.job.n_nodes
+            rows.append(row)
+        return rows
+
+    def _new_state(
+        self, index: int, job: _TrieJob, log_probs: Tensor, true_score: float
+    ) -> _JobState:
+        item = self.items[index]
+        prefix_len = len(item.prefix_ids)
+        cols = torch.full((job.n_nodes,), -1, dtype=torch.long)
+        on_true = job.true_depth > 0
+        cols[on_true] = prefix_len + job.true_depth[on_true] - 1
+        return _JobState(
+            job=job,
+            item=index,
+            row=self.rows[item.record_index],
+            prefix_len=prefix_len,
+            true_log_probs=log_probs,
+            bound=true_score - self.config.tie_tolerance,
+            cum=torch.full((job.n_nodes,), -math.inf, dtype=torch.float32),
+            cols=cols,
+        )
+
+    def _score_group(self, rows: list[list[_JobState]]) -> None:
+        states = [state for row in rows for state in row]
+        for state in states:
+            first = state.job.levels[0]
+            state.cum[first] = state.true_log_probs[0, state.job.tokens[first]]
+        if self.cache is None:
+            for state in states:
+                self._score_whole_candidates(state)
+            return
+
+        runner = _CachedRunner(self.model, self.cache, self.config, rows)
+        max_depth = max(len(state.job.levels) for state in states)
+        for depth in range(1, max_depth):
+            requests = []
+            for state in states:
+                if depth >= len(state.job.levels):
+                    requests.append(torch.empty(0, dtype=torch.long))
+                    continue
+                nodes = state.job.levels[depth - 1]
+                alive = nodes[state.job.has_children[nodes] & (state.cum[nodes] >= state.bound)]
+                on_true = state.job.true_depth[alive] > 0
+                true_nodes = alive[on_true]
+                if len(true_nodes):
+                    rows = state.true_log_probs[state.job.true_depth[true_nodes]]
+                    self._extend(state, depth, true_nodes, rows)
+                requests.append(alive[~on_true])
+            for position, nodes, log_probs in runner.run(depth, requests):
+                self._extend(states[position], depth, nodes, log_probs)
+
+    def _score_whole_candidates(self, state: _JobState) -> None:
+        """Score each candidate as one ``prefix + candidate`` sequence; for models without a
+        usable KV cache, where running trie levels would re-run the prefix for every node."""
+        job = state.job
+        prefix = self.input_ids[state.row, : state.prefix_len]
+        lengths = job.depths[job.terminals]
+        per_pass = max(1, _UNCACHED_TOKENS_PER_PASS // (state.prefix_len + int(lengths.max())))
+        for start in range(0, len(job.terminals), per_pass):
+            terminals = job.terminals[start : start + per_pass]
+            paths = _paths_to(job, terminals)
+            sequences = [torch.cat([prefix.cpu(), path]) for path in paths]
+            input_ids, attention_mask = _pad(sequences, _model_pad_id(self.model), "right")
+            device = self.input_ids.device
+            logits = model_logits(self.model, input_ids.to(device), attention_mask.to(device))
+            nll, _ = _nll_from_logits(logits, input_ids.to(device), attention_mask.to(device))
+            # Row i's candidate tokens are predicted at positions prefix_len - 1 onwards.
+            for row, (terminal, path) in enumerate(zip(terminals, paths, strict=True)):
+                first = state.prefix_len - 1
+                losses = nll[row, first : first + len(path)].cpu()
+                state.cum[terminal] = -losses.sum()
+
+    @staticmethod
+    def _extend(state: _JobState, depth: int, parents: Tensor, log_probs: Tensor) -> None:
+        """Score the children of ``parents`` (at ``depth``) from their log-softmax rows."""
+        job = state.job
+        children = job.levels[depth]
+        row_of = torch.full((job.n_nodes,), -1, dtype=torch.long)
+        row_of[parents] = torch.arange(len(parents))
+        children = children[row_of[job.parents[children]] >= 0]
+        parent_rows = row_of[job.parents[children]]
+        child_log_probs = log_probs[parent_rows, job.tokens[children]].to(torch.float32)
+        state.cum[children] = state.cum[job.parents[children]] + child_log_probs
+
+
+_UNCACHED_TOKENS_PER_PASS = 4096
+"""Tokens per forward pass when candidates are scored without a KV cache."""
+
+
+def _paths_to(job: _TrieJob, nodes: Tensor) -> list[Tensor]:
+    """Return the token path from the first PII token down to each node."""
+    paths = []
+    for node in nodes.tolist():
+        tokens = []
+        while node != -1:
+            tokens.append(int(job.tokens[node]))
+            node = int(job.parents[node])
+        paths.append(torch.tensor(tokens[::-1], dtype=torch.long))
+    return paths
+
+
+class _CachedRunner:
+    """Runs trie nodes behind their cached records, one padded forward pass per chunk.
+
+    Each batch row holds jobs of one record, and its cache starts as a copy of that record's
+    keys and values. Each pass appends one column per query to every row. A 4-D mask lets a
+    node see its item's prefix, its ancestors and itself, and nothing else.
+    """
+
+    def __init__(
+        self, model: Any, cache: Any, config: ExposureConfig, rows: list[list[_JobState]]
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.rows = rows
+        # Position of each job state in the flattened order of the requests.
+        self.positions: list[list[int]] = []
+        flat = 0
+        for row in rows:
+            self.positions.append(list(range(flat, flat + len(row))))
+            flat += len(row)
+        self.states = [state for row in rows for state in row]
+        self.cache = copy.deepcopy(cache)
+        self.cache.batch_select_indices(torch.tensor([row[0].row for row in rows]))
+        self.cache_len = int(self.cache.get_seq_length())
+        self.pad_id = _model_pad_id(model)
+        self.device = _model_device(model)
+        self.dtype = _model_dtype(model)
+
+    def run(self, depth: int, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Run the requested nodes (at ``depth``) of every job and yield, per job and chunk,
+        ``(job position, nodes, log-softmax rows of their logits)``."""
+        queues = []
+        for positions in self.positions:
+            nodes = [requests[p] for p in positions]
+            owners = [
+                torch.full((len(n),), p, dtype=torch.long)
+                for p, n in zip(positions, nodes, strict=True)
+            ]
+            queues.append((torch.cat(nodes), torch.cat(owners)))
+        longest = max(len(nodes) for nodes, _ in queues)
+        per_row = max(1, self.config.max_query_tokens // len(self.rows))
+        for start in range(0, longest, per_row):
+            chunks = [
+                (nodes[start : start + per_row], owners[start : start + per_row])
+                for nodes, owners in queues
+            ]
+            logits = self._forward(depth, chunks)
+            for row, (nodes, owners) in enumerate(chunks):
+                for position in owners.unique().tolist():
+                    selected = (owners == position).nonzero().flatten()
+                    rows = logits[row, selected]
+                    yield position, nodes[selected], F.log_softmax(rows, dim=-1).cpu()
+
+    def _forward(self, depth: int, chunks: list[tuple[Tensor, Tensor]]) -> Tensor:
+        n_rows = len(chunks)
+        width = max(1, max(len(nodes) for nodes, _ in chunks))
+        kv_len = self.cache_len + width
+        input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((n_rows, width), dtype=torch.long)
+        visible = torch.zeros((n_rows, width, kv_len), dtype=torch.bool)
+        # Padding queries attend to BOS only, so that no softmax row is empty.
+        visible[:, :, 0] = True
+
+        for row, (nodes, owners) in enumerate(chunks):
+            for position in owners.unique().tolist():
+                queries = (owners == position).nonzero().flatten()
+                self._place(
+                    self.states[position],
+                    depth,
+                    nodes[queries],
+                    row,
+                    queries,
+                    input_ids,
+                    positions,
+                    visible,
+                )
+
+        mask = torch.zeros(visible.shape, dtype=self.dtype)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        with _quiet_cache_deprecation():
+            logits, self.cache = self.model(
+                input_ids.to(self.device),
+                attention_mask=mask[:, None].to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=self.cache,
+                return_type="logits_and_cache",
+            )
+        self.cache_len = kv_len
+        return logits.float()
+
+    def _place(
+        self,
+        state: _JobState,
+        depth: int,
+        nodes: Tensor,
+        row: int,
+        queries: Tensor,
+        input_ids: Tensor,
+        positions: Tensor,
+        visible: Tensor,
+    ) -> None:
+        """Put one job's nodes at ``queries`` of ``row`` and open their attention."""
+        job = state.job
+        input_ids[row, queries] = job.tokens[nodes]
+        positions[row, queries] = state.prefix_len + depth - 1
+        visible[row, queries, : state.prefix_len] = True
+        ancestors = job.parents[nodes]
+        for _ in range(depth - 1):
+            visible[row, queries, state.cols[ancestors]] = True
+            ancestors = job.parents[ancestors]
+        own_cols = self.cache_len + queries
+        visible[row, queries, own_cols] = True
+        state.cols[nodes] = own_cols
+
+
+# ---- KV cache support ----
+
+# Result of tree_cache_mode() per model; weak so models can be freed.
+_TREE_CACHE_MODE: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+
+
+def tree_cache_mode(model: Any) -> str | None:
+    """Return how to score tries behind a KV cache on ``model``, or None if it cannot.
+
+    ``"direct"``: ``past_key_values`` works as documented. ``"renamed"``: it works once the
+    cache is handed to the attention components under the name they read (see
+    :func:`_cache_kwarg_renamed`). The check runs once per model: it scores three tree nodes
+    (two siblings and a child) behind a 5-token cache with a 4-D mask and compares their
+    logits with plain forward passes.
+    """
+    if model in _TREE_CACHE_MODE:
+        return _TREE_CACHE_MODE[model]
+    mode = None
+    for candidate in ("direct", "renamed"):
+        renamed = _cache_kwarg_renamed(model) if candidate == "renamed" else nullcontext()
+        try:
+            with renamed:
+                matches = _tree_logits_match(model)
+        except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as error:
+            logger.info("tree attention with a KV cache failed (%s mode): %s", candidate, error)
+            matches = False
+        if matches:
+            mode = candidate
+            break
+    if mode is None:
+        logger.info("%s: scoring exposure candidates without a KV cache", type(model).__name__)
+    _TREE_CACHE_MODE[model] = mode
+    return mode
+
+
+def _tree_logits_match(model: Any) -> bool:
+    device = _model_device(model)
+    vocab = int(model.cfg.d_vocab)
+    tokens = (torch.arange(1, 8, device=device) % vocab)[None]
+    sibling = (tokens[0, 5] + 1) % vocab
+    ones = torch.ones_like(tokens)
+    with torch.no_grad():
+        reference = model(tokens, attention_mask=ones, return_type="logits")[0]
+        other = torch.cat([tokens[:, :5], sibling.view(1, 1)], dim=1)
+        reference_sibling = model(other, attention_mask=ones[:, :6], return_type="logits")[0, 5]
+        output = _forward_with_cache(model, tokens[:, :5], ones[:, :5])
+        if output[1] is None:
+            return False
+
+        # Queries: the true token 5, a sibling at the same position, and token 6 below token 5.
+        input_ids = torch.stack([tokens[0, 5], sibling, tokens[0, 6]])[None]
+        positions = torch.tensor([[5, 5, 6]], device=device)
+        visible = torch.zeros((3, 8), dtype=torch.bool)
+        visible[:, :5] = True
+        visible[0, 5] = visible[1, 6] = True
+        visible[2, 5] = visible[2, 7] = True
+        dtype = _model_dtype(model)
+        mask = torch.zeros((1, 1, 3, 8), dtype=dtype)
+        mask[0, 0].masked_fill_(~visible, torch.finfo(dtype).min)
+        with _quiet_cache_deprecation():
+            logits, _ = model(
+                input_ids,
+                attention_mask=mask.to(device),
+                position_ids=positions,
+                past_key_values=output[1],
+                return_type="logits_and_cache",
+            )
+    expected = torch.stack([reference[5], reference_sibling, reference[6]])
+    tolerance = 1e-3 * float(expected.abs().max()) + 1e-4
+    return bool((logits[0].float() - expected.float()).abs().max() <= tolerance)
+
+
+def _forward_with_cache(
+    model: Any, input_ids: Tensor, attention_mask: Tensor
+) -> tuple[Tensor, Any]:
+    return model(
+        input_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        return_type="logits_and_cache",
+    )
+
+
+@contextmanager
+def _quiet_cache_deprecation() -> Iterator[None]:
+    """Silence transformers 5's warning that ``past_key_values`` is now called ``cache``.
+
+    ``TransformerBridge.forward`` (transformer-lens 4.3.0) takes only ``past_key_values`` and
+    passes it on under that name, so the warning would fire on every trie level.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        yield
+
+
+@contextmanager
+def _cache_kwarg_renamed(model: Any) -> Iterator[None]:
+    """Hand each attention component the KV cache under the name it reads.
+
+    NOTE: transformers 5.x passes the cache to attention modules as ``cache=`` (the name
+    ``past_key_values`` is deprecated), but the attention bridges of transformer-lens 4.3.0
+    read only ``past_key_values=``, so without this renaming the cache stays empty and cached
+    tokens are invisible. ``tl_privacy.extraction`` works around the same mismatch.
+    """
+
+    def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if "cache" not in kwargs or "past_key_values" in kwargs:
+            return None
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+
+    handles = [
+        block.attn.register_forward_pre_hook(rename, with_kwargs=True)
+        for block in getattr(model, "blocks", [])
+        if isinstance(getattr(block, "attn", None), torch.nn.Module)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---- small helpers ----
+
+
+def _pad(sequences: Sequence[Tensor], pad_id: int, padding_side: str) -> tuple[Tensor, Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        columns = (
+            slice(0, len(sequence))
+            if padding_side == "right"
+            else slice(width - len(sequence), width)
+        )
+        input_ids[row, columns] = sequence
+        attention_mask[row, columns] = 1
+    return input_ids, attention_mask
+
+
+def _model_device(model: Any) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    parameter = next(iter(model.parameters()), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _model_pad_id(model: Any) -> int:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    try:
+        return pad_token_id(tokenizer)
+    except ValueError:
+        return 0
+
+
+__all__ = [
+    "CANDIDATE_TYPES",
+    "DEFAULT_N_CANDIDATES",
+    "ExposureConfig",
+    "ExposureResult",
+    "ItemExposure",
+    "ItemScore",
+    "RecordMetrics",
+    "TokenMetrics",
+    "exposure_from_rank",
+    "exposure_from_scores",
+    "exposure_scores",
+    "general_perplexity",
+    "mean_reciprocal_rank",
+    "perplexity",
+    "record_metrics",
+    "sequence_nll",
+    "text_windows",
+    "token_nll",
+    "tree_cache_mode",
+]
