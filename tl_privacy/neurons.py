@@ -321,6 +321,21 @@ class PrivacyNeurons:
 
     # ---- notebook helpers ----
 
+    def show(self, model: Any, text: Any, *, tokenizer: Any = None, **kwargs: Any) -> Any:
+        """Render the set's ``hook_post`` activations on ``text`` as an offline circuitsvis view.
+
+        ``text`` is a string, a ``PIIRecord`` or a list of them. The tokenizer defaults to
+        ``model.tokenizer``. Other keyword arguments (``max_neurons``, ``redact``) go to
+        :func:`tl_privacy.visualize.neuron_activation_view`, whose HTML object Jupyter displays.
+        """
+        # Imported here because tl_privacy.visualize imports this module.
+        from tl_privacy.visualize import neuron_activation_view
+
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"{type(model).__name__} has no tokenizer; pass tokenizer= to show().")
+        return neuron_activation_view(model, tokenizer, text, self, **kwargs)
+
     def to_dataframe(self):
         """One row per selected neuron: layer, neuron, score, gate value and PII types."""
         import pandas as pd

@@ -1,0 +1,292 @@
+"""The tl-privacy command line: help, input errors, and localize/evaluate/report on the fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tl_privacy.cache import CACHE_ENV
+from tl_privacy.cli import main
+from tl_privacy.data.records import load_records
+from tl_privacy.neurons import PrivacyNeurons
+
+FIXTURE = Path(__file__).parent / "fixtures" / "records.jsonl"
+HEADLINE = ("extraction_exact", "exposure_mean", "mrr", "perplexity_general", "perplexity_heldout")
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``main(args)``; return the exit code, stdout and stderr."""
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ---- help ----
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("demo", ("--model", "--out", "--seed", "--budget", "fraction", "--show-pii", "--steps")),
+        ("localize", ("--model", "--data", "--budget", "--steps", "--out", "JSONL", "code points")),
+        ("evaluate", ("--model", "--data", "--neurons", "--out", "--heldout")),
+        ("report", ("RESULTS_DIR",)),
+    ],
+)
+def test_help_describes_options(command, expected, capsys):
+    code, out, _ = run_cli([command, "--help"], capsys)
+    assert code == 0
+    for text in expected:
+        assert text in out, f"{command} --help does not mention {text!r}"
+
+
+def test_help_lists_commands(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for command in ("demo", "localize", "evaluate", "report"):
+        assert command in out
+
+
+def test_budget_help_states_unit(capsys):
+    _, out, _ = run_cli(["demo", "--help"], capsys)
+    assert "fraction of all MLP neurons" in " ".join(out.split())
+    assert "0.01 = 1%" in " ".join(out.split())
+
+
+# ---- input errors ----
+
+
+def _bad_records(folder: Path) -> Path:
+    path = folder / "bad.jsonl"
+    row = {"text": "Call Ann.", "spans": [{"start": 5, "end": 50, "type": "NAME"}]}
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return path
+
+
+def _model_folder_without_config(folder: Path) -> Path:
+    path = folder / "empty-model"
+    path.mkdir()
+    return path
+
+
+BAD_INPUTS = {
+    "budget zero": (["demo", "--model", "tiny", "--budget", "0"], "budget"),
+    "budget above one": (["demo", "--model", "tiny", "--budget", "1.5"], "budget"),
+    "budget not a number": (["demo", "--model", "tiny", "--budget", "lots"], "budget"),
+    "unknown demo model": (["demo", "--model", "gpt-17"], "gpt-17"),
+    "unknown model": (["localize", "--model", "gpt-17", "--data", FIXTURE], "unknown model"),
+    "missing data": (
+        ["localize", "--model", "tiny", "--data", "{tmp}/none.jsonl"],
+        "does not exist",
+    ),
+    "invalid records": (["localize", "--model", "tiny", "--data", "{bad}"], "out of range"),
+    "model folder without config": (
+        ["localize", "--model", "{model_folder}", "--data", FIXTURE],
+        "config.json",
+    ),
+    "missing neurons": (
+        ["evaluate", "--model", "tiny", "--data", FIXTURE, "--neurons", "{tmp}/nothing"],
+        "neuron set",
+    ),
+    "steps zero": (["localize", "--model", "tiny", "--data", FIXTURE, "--steps", "0"], "steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_without_output(case, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    replacements = {
+        "{tmp}": str(inputs),
+        "{bad}": str(_bad_records(inputs)),
+        "{model_folder}": str(_model_folder_without_config(inputs)),
+    }
+    args, expected = BAD_INPUTS[case]
+    args = [str(arg) for arg in args]
+    for key, value in replacements.items():
+        args = [arg.replace(key, value) for arg in args]
+    out = tmp_path / "runs" / "out"
+
+    code, _, err = run_cli([*args, "--out", out], capsys)
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tl-privacy")
+    assert "error" in lines[0]
+    assert expected in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_foreign_output_folder_is_kept(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["demo", "--model", "tiny", "--out", out], capsys)
+    assert code == 2
+    assert "not a tl-privacy output folder" in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_report_without_results(tmp_path, capsys):
+    code, _, err = run_cli(["report", tmp_path], capsys)
+    assert code == 2
+    assert "no results.json" in err
+
+
+def test_missing_command_exits_2(capsys):
+    code, _, err = run_cli([], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_console_script_exit_code(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "tl_privacy.cli", "demo", "--budget", "0", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "--budget" in completed.stderr
+    assert not out.exists()
+
+
+# ---- localize, evaluate and report on the fixture records ----
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory):
+    """An empty tl_privacy cache for this module's runs, so the tiny model memorizes once."""
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
+@pytest.fixture(scope="module")
+def localized(cli_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("localize") / "out"
+    code = main(["localize", "--model", "tiny", "--data", str(FIXTURE), "--out", str(out), "-q"])
+    assert code == 0
+    return out
+
+
+def test_localize_writes_neurons(localized):
+    neurons = PrivacyNeurons.load(localized / "neurons")
+    assert neurons.n_layers == 2
+    assert neurons.d_mlp == 512
+    assert neurons.count <= round(0.01 * 2 * 512)
+
+
+def test_localize_results(localized):
+    results = json.loads((localized / "results.json").read_text(encoding="utf-8"))
+    neurons = PrivacyNeurons.load(localized / "neurons")
+    assert results["command"] == "localize"
+    assert results["model"]["name"] == "tiny"
+    assert results["privacy_neurons"]["count"] == neurons.count
+    assert results["privacy_neurons"]["by_layer"] == neurons.by_layer()
+    assert results["data"]["n_train_records"] == 20
+    assert 0.0 <= results["metrics"]["clean"]["extraction_exact"] <= 1.0
+    assert "localize" in results["timing"]
+    assert (localized / "report.html").is_file()
+
+
+def test_evaluate_saved_neurons(localized, tmp_path, capsys):
+    out = tmp_path / "evaluation"
+    code, stdout, err = run_cli(
+        [
+            "evaluate", "--model", "tiny", "--data", FIXTURE,
+            "--neurons", localized / "neurons", "--out", out, "--show-pii",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    for entry in ("clean", "ablated"):
+        for key in HEADLINE:
+            assert key in results["metrics"][entry], f"metrics.{entry} lacks {key}"
+    assert "clean" in stdout.splitlines()[1]
+
+    # --show-pii keeps the PII strings in the examples.
+    pii = {s for record in load_records(FIXTURE) for s in record.pii_strings()}
+    targets = {example["target"] for example in results["examples"]}
+    assert targets and targets <= pii
+
+
+def test_report_rerenders(localized, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(localized, copy)
+    (copy / "report.html").unlink()
+    code, _, err = run_cli(["report", copy], capsys)
+    assert code == 0, err
+    assert (copy / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_logs_are_redacted(cli_cache, tmp_path, capsys):
+    # Localizing leaves the records' PII out of the log unless --show-pii is given.
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        ["localize", "--model", "tiny", "--data", FIXTURE, "--out", out, "--steps", "20"], capsys
+    )
+    assert code == 0, err
+    assert "[localize]" in err
+    pii = {s for record in load_records(FIXTURE) for s in record.pii_strings()}
+    assert [value for value in pii if value in err + stdout] == []
+
+
+def test_sigterm_removes_staging_folder(tmp_path):
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    out = runs / "out"
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "tl_privacy.cli", "demo", "--model", "tiny", "--out", str(out)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (runs.exists() and any(runs.iterdir())):
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the demo did not create its staging folder"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 128 + signal.SIGTERM
+    assert not runs.exists() or list(runs.iterdir()) == []
+
+
+def test_main_restores_logging(tmp_path, capsys):
+    import logging
+
+    logger = logging.getLogger("tl_privacy")
+    before = (list(logger.handlers), logger.propagate, logger.level)
+    code, _, _ = run_cli(["report", tmp_path], capsys)
+    assert code == 2
+    assert (list(logger.handlers), logger.propagate, logger.level) == before
+
+
+def test_localize_model_folder(tiny_llama_folder, tmp_path, capsys):
+    # A Hugging Face folder is used as it is: no tokenizer training and no memorization.
+    out = tmp_path / "out"
+    args = ["localize", "--model", tiny_llama_folder, "--data", FIXTURE, "--out", out]
+    code, _, err = run_cli([*args, "--steps", "5"], capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["model"]["name"] == tiny_llama_folder.name
+    assert results["model"]["n_layers"] == 2
+    assert "memorize" not in results["timing"]
+    assert PrivacyNeurons.load(out / "neurons").d_mlp == results["model"]["d_mlp"]
