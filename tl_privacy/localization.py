@@ -86,7 +86,7 @@ class LocalizationConfig:
             ranks neurons by ``-log_alpha`` and takes the smallest prefix of the
             ranking, at most the budget, whose zero-ablation cuts the teacher-forced
             exact match of the PII strings in the batches by ``target_reduction``
-            (or the prefix with the lowest match when none does). ``"closed"``
+            (or the whole budget when no prefix does). ``"closed"``
             takes the gates with ``P(gate = 0) > 0.5``, at most the budget.
             ``"budget"`` takes exactly the budget's number of top-ranked neurons.
         target_reduction: relative cut of the exact-match rate that ``"sufficient"``
