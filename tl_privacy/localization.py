@@ -158,7 +158,7 @@ class LocalizationConfig:
             raise ValueError(f"target_reduction must be in (0, 1], got {self.target_reduction!r}.")
 
     def budget_count(self, n_neurons: int) -> int | None:
-        """The budget as a number of neurons out of ``n_neurons``, or None."""
+        """Convert the budget to a number of neurons out of ``n_neurons``; None means no budget."""
         if self.budget is None:
             return None
         if self.budget < 1:
@@ -235,7 +235,7 @@ def _check_batch(batch: Mapping[str, Any], index: int) -> Batch:
                 f"batch {index}: {key} has shape {tuple(value.shape)}, input_ids has "
                 f"{tuple(input_ids.shape)}."
             )
-    # Pad positions are never PII, whatever the caller's labels say.
+    # Pad positions are never PII, whatever labels the caller gives.
     result["pii_mask"] = result["pii_mask"] & result["attention_mask"].bool()
     return result
 
@@ -375,7 +375,7 @@ class Localizer:
         return autocast(self.model, self.config.precision)
 
     def step(self, batch: Batch, key: int = 0) -> None:
-        """One optimizer step of the gates on ``batch``; ``key`` names the batch for caching."""
+        """Take one optimizer step of the gates on ``batch``, cached under ``key``."""
         if self._exit_stack is None:
             raise RuntimeError("Use the Localizer inside `with Localizer(model, config) as loc:`.")
         config = self.config
@@ -434,7 +434,7 @@ class Localizer:
         return neurons
 
     def result(self) -> PrivacyNeurons:
-        """The set read off the current gates by ``config.selection``, with the run's stats.
+        """Read the set off the current gates by ``config.selection``, with the run's stats.
 
         ``"sufficient"`` runs forward passes over the batches given to :meth:`run`
         (or :meth:`prepare`), so call it inside the ``with`` block.
@@ -544,7 +544,7 @@ def localize(
 
 
 def _ranked(mask: HardConcreteMask, k: int | None) -> PrivacyNeurons:
-    """The ``k`` neurons with the lowest ``log_alpha``, scored by ``-log_alpha``."""
+    """Select the ``k`` neurons with the lowest ``log_alpha``, scored by ``-log_alpha``."""
     with torch.no_grad():
         scores = -mask.log_alpha.detach().cpu()
         gates = mask.deterministic_gates().detach().cpu()
@@ -555,7 +555,7 @@ def _ranked(mask: HardConcreteMask, k: int | None) -> PrivacyNeurons:
 
 
 def _select_closed(mask: HardConcreteMask, budget: int | None) -> PrivacyNeurons:
-    """The neurons whose gates are more likely closed than not, at most ``budget`` of them."""
+    """Select the gates more likely closed than not, at most ``budget`` of them."""
     with torch.no_grad():
         closed = int(mask.closed().sum())
     if closed == 0:

@@ -301,7 +301,7 @@ class PrivacyNeurons:
         expected = (meta["n_layers"], meta["d_mlp"])
         if tuple(mask.shape) != expected:
             raise ValueError(
-                f"{tensors_path} holds a mask of shape {tuple(mask.shape)} but {config_path} "
+                f"{tensors_path} contains a mask of shape {tuple(mask.shape)} but {config_path} "
                 f"says {expected}; the folder is damaged."
             )
         neurons = cls(
@@ -394,7 +394,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def union(sets: Sequence[PrivacyNeurons], method: str = "union") -> PrivacyNeurons:
-    """The union of several sets of the same shape."""
+    """Combine several sets of the same shape into their union."""
     if not sets:
         raise ValueError("union needs at least one neuron set.")
     mask = sets[0].mask.clone()

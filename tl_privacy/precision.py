@@ -31,7 +31,7 @@ def resolve_precision(model: Any, precision: str) -> str:
 
 
 def autocast(model: Any, precision: str):
-    """An autocast context for ``model``'s device: bfloat16 when ``precision`` resolves to it."""
+    """Return an autocast context for the model's device, on when ``precision`` means bfloat16."""
     resolved = resolve_precision(model, precision)
     if resolved not in ("bfloat16", "float32"):
         raise ValueError(f"precision must be 'auto', 'bfloat16' or 'float32', got {precision!r}.")
