@@ -295,3 +295,51 @@ def test_candidate_count_halves_when_too_few(tiny_model, tiny_tokenizer):
 def test_unknown_type_rejected(tiny_model, tiny_tokenizer, synthetic_corpus):
     with pytest.raises(ValueError, match="do not occur"):
         record_metrics(tiny_model, tiny_tokenizer, synthetic_corpus.train[:1], types=("SSN",))
+
+
+# ---- greedy decoding behind the records' cache ----
+
+
+@pytest.fixture(scope="module")
+def memorized_llama(tiny_llama_folder, synthetic_corpus):
+    """A fresh tiny Llama bridge fine-tuned on four records, so that greedy decoding follows
+    the PII for some tokens and leaves it for others."""
+    from tl_privacy.memorize import MemorizeConfig, memorize
+
+    model = models.load_model(tiny_llama_folder)
+    records = synthetic_corpus.train[:4]
+    settings = MemorizeConfig(max_steps=60, lr=3e-3, trainable="all", show_progress=False)
+    memorize(model, records, settings, cache=False)
+    return model, records
+
+
+def test_greedy_behind_records_matches_greedy_decode(memorized_llama):
+    from tl_privacy.extraction import greedy_decode
+
+    model, records = memorized_llama
+    mixed = False
+    # Scaling layer 1's neurons down moves the model off its memorized PII step by step.
+    for scale in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0):
+        hooks = [("blocks.1.mlp.hook_post", lambda act, hook, s=scale: act * s)]
+        metrics = record_metrics(model, model.tokenizer, records, fwd_hooks=hooks, greedy=True)
+        reference = greedy_decode(
+            model,
+            [item.prefix_ids for item in metrics.items],
+            [len(item.target_ids) for item in metrics.items],
+            fwd_hooks=hooks,
+            eos_token_id=model.tokenizer.eos_token_id,
+        )
+        decoded = [score.greedy_ids.tolist() for score in metrics.item_scores]
+        assert decoded == [tokens.tolist() for tokens in reference], f"scale {scale}"
+        follows = [d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items)]
+        if scale == 1.0:
+            assert all(follows)
+        mixed |= any(follows) and not all(follows)
+    # Some items followed their PII and others left it, which is the decoder's other path.
+    assert mixed
+    assert model.hook_dict["blocks.1.mlp.hook_post"].fwd_hooks == []
+
+
+def test_greedy_needs_a_tree_cache(tiny_model, tiny_tokenizer, synthetic_corpus):
+    with pytest.raises(ValueError, match="extraction_scores"):
+        record_metrics(tiny_model, tiny_tokenizer, synthetic_corpus.train[:1], greedy=True)

@@ -383,16 +383,24 @@ def test_cross_ablation_diagonal_order(tiny_model, tiny_tokenizer, synthetic_cor
     import torch
 
     from tl_privacy.data.tokenization import pii_items
+    from tl_privacy.extraction import exact_match_teacher_forced
     from tl_privacy.pipeline import cross_ablation_teacher_forced
 
-    items = pii_items(tiny_tokenizer, synthetic_corpus.train[:4])
+    records = synthetic_corpus.train[:4]
     generator = torch.Generator().manual_seed(0)
     sets = {
         name: PrivacyNeurons.from_scores(torch.rand(2, 512, generator=generator), 5, "random")
         for name in ("PHONE", "EMAIL")
     }
-    result = cross_ablation_teacher_forced(tiny_model, items, sets)
+    result = cross_ablation_teacher_forced(tiny_model, tiny_tokenizer, records, sets)
     assert list(result) == ["none", "PHONE", "EMAIL"]
     for row in result.values():
         assert list(row) == ["PHONE", "EMAIL", "NAME", "ADDRESS"]
         assert all(0.0 <= value <= 1.0 for value in row.values())
+
+    # The records' pass decides exact match as prefix-by-prefix teacher forcing does.
+    items = pii_items(tiny_tokenizer, records)
+    hooks = sets["PHONE"].ablation_hooks()
+    exact = exact_match_teacher_forced(tiny_model, items, fwd_hooks=hooks).float()
+    phone = [i for i, item in enumerate(items) if item.type == "PHONE"]
+    assert result["PHONE"]["PHONE"] == pytest.approx(float(exact[phone].mean()))

@@ -53,6 +53,7 @@ from tl_privacy.objectives import (
     shifted_targets,
     token_log_probs,
 )
+from tl_privacy.precision import autocast
 
 logger = logging.getLogger("tl_privacy")
 
@@ -81,6 +82,8 @@ class BaselineConfig:
         l1_weight: weight of the L1 penalty, per ``k`` neurons fully switched off.
         pii_loss, keep_loss, keep_weight: the localization objective's terms (see
             :class:`tl_privacy.localization.LocalizationConfig`).
+        precision: autocast of the model's passes, as in
+            :class:`tl_privacy.localization.LocalizationConfig` (scores stay float32).
         show_progress: show a tqdm bar for slimming and integrated gradients.
     """
 
@@ -97,6 +100,7 @@ class BaselineConfig:
     pii_loss: PIILossForm = "unlikelihood"
     keep_loss: KeepLossForm = "kl"
     keep_weight: float = 1.0
+    precision: str = "float32"
     show_progress: bool = False
 
     def __post_init__(self) -> None:
@@ -107,6 +111,10 @@ class BaselineConfig:
             raise ValueError(f"max_batches must be at least 1 or None, got {self.max_batches}.")
         if self.ig_mode not in ("joint", "per_layer"):
             raise ValueError(f"ig_mode must be 'joint' or 'per_layer', got {self.ig_mode!r}.")
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(
+                f"precision must be 'auto', 'bfloat16' or 'float32', got {self.precision!r}."
+            )
         if self.slimming_lr <= 0:
             raise ValueError(f"slimming_lr must be positive, got {self.slimming_lr}.")
         if self.l1_weight < 0:
@@ -132,6 +140,7 @@ class BaselineConfig:
             pii_loss=config.pii_loss,
             keep_loss=config.keep_loss,
             keep_weight=config.keep_weight,
+            precision=config.precision,
         )
         settings.update(overrides)
         return cls(**settings)
@@ -225,7 +234,8 @@ def score(
 
     passes = PassCounter()
     started = time.perf_counter()
-    scores = SCORERS[method](model, data, config, seed, scale, passes)
+    with autocast(model, config.precision):
+        scores = SCORERS[method](model, data, config, seed, scale, passes)
     stats = {
         "wall_time_s": time.perf_counter() - started,
         "forward_passes": passes.forward,

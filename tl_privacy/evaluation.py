@@ -2,8 +2,12 @@
 
 :func:`evaluate` measures, with the same hooks throughout:
 
-- greedy extraction of the training PII (exact rate and character similarity, from
-  :func:`tl_privacy.extraction.extraction_scores`), and of the held-out PII;
+- greedy extraction of the training PII (exact rate and character similarity), and of the
+  held-out PII. On models whose KV cache supports tree queries (Hugging Face models behind a
+  ``TransformerBridge``) the items are decoded behind each record's own forward pass
+  (``record_metrics(..., greedy=True)``); otherwise
+  :func:`tl_privacy.extraction.extraction_scores` decodes each prefix on its own. Both give
+  the same tokens;
 - exposure and MRR of the training PII among candidates of the same format;
 - teacher-forced PII token accuracy and cross-entropy on the training records;
 - perplexity on the non-PII tokens of the training and held-out records and on general text.
@@ -20,8 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+import torch
+
 from tl_privacy.data.records import PIIRecord
-from tl_privacy.extraction import extraction_scores
+from tl_privacy.extraction import extraction_scores, score_decoded
 from tl_privacy.metrics import (
     DEFAULT_N_CANDIDATES,
     DEFAULT_WINDOW,
@@ -29,8 +35,10 @@ from tl_privacy.metrics import (
     ExposureResult,
     RecordMetrics,
     general_perplexity,
+    greedy_cache_supported,
     record_metrics,
 )
+from tl_privacy.precision import autocast
 
 logger = logging.getLogger("tl_privacy")
 
@@ -74,6 +82,13 @@ class EvaluationConfig:
             the same string, which only the greedy string comparison counts as exact.
         exposure: further exposure settings; its ``n_candidates`` and ``seed`` are
             replaced by the fields above.
+        precision: ``"bfloat16"`` runs every forward pass under bfloat16 autocast, about
+            1.7 times faster on a CPU with native bfloat16; ``"float32"`` does not;
+            ``"auto"`` picks bfloat16 where it runs natively
+            (:func:`tl_privacy.precision.resolve_precision`). bfloat16 rounding can turn
+            near-ties between logits (greedy tokens, candidate ranks) either way, so compare
+            only results of one precision. On the memorized SmolLM2 of the demo the two gave
+            the same extraction rate and exposure, and general-text perplexities 0.4% apart.
     """
 
     n_candidates: int = DEFAULT_N_CANDIDATES
@@ -85,6 +100,7 @@ class EvaluationConfig:
     types: tuple[str, ...] | None = None
     extraction: Literal["greedy", "teacher_forced"] = "greedy"
     exposure: ExposureConfig = field(default_factory=ExposureConfig)
+    precision: Literal["auto", "bfloat16", "float32"] = "float32"
 
     def __post_init__(self) -> None:
         if self.n_candidates < 0:
@@ -97,6 +113,10 @@ class EvaluationConfig:
         if self.general_text_tokens is not None and self.general_text_tokens < 2:
             raise ValueError(
                 f"general_text_tokens must be at least 2 or None, got {self.general_text_tokens}."
+            )
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(
+                f"precision must be 'auto', 'bfloat16' or 'float32', got {self.precision!r}."
             )
         if self.extraction not in ("greedy", "teacher_forced"):
             raise ValueError(
@@ -192,10 +212,23 @@ def evaluate(
     config = config or EvaluationConfig()
     if not train_records:
         raise ValueError("evaluate needs at least one training record, got none.")
+    with autocast(model, config.precision):
+        return _evaluate(model, tokenizer, train_records, heldout_records, fwd_hooks, config)
+
+
+def _evaluate(
+    model: Any,
+    tokenizer: Any,
+    train_records: Sequence[PIIRecord],
+    heldout_records: Sequence[PIIRecord] | None,
+    fwd_hooks: Sequence[tuple[str, Any]],
+    config: EvaluationConfig,
+) -> EvaluationResult:
     started = time.perf_counter()
     hooks = list(fwd_hooks)
     timings: dict[str, float] = {}
 
+    cached_greedy = config.extraction == "greedy" and greedy_cache_supported(model)
     clock = time.perf_counter()
     train = record_metrics(
         model,
@@ -205,6 +238,7 @@ def evaluate(
         batch_size=config.batch_size,
         types=config.types,
         exposure=config.exposure_config(),
+        greedy=cached_greedy,
     )
     timings["records and exposure"] = time.perf_counter() - clock
     if not train.items:
@@ -220,7 +254,7 @@ def evaluate(
 
     clock = time.perf_counter()
     perplexity_heldout, heldout_exact = _heldout_metrics(
-        model, tokenizer, heldout_records, hooks, config
+        model, tokenizer, heldout_records, hooks, config, cached_greedy
     )
     timings["held-out"] = time.perf_counter() - clock
 
@@ -267,9 +301,24 @@ def _extraction(
 ) -> _Extraction:
     if config.extraction == "teacher_forced":
         return _Extraction([score.exact for score in metrics.item_scores], None, None)
-    result = extraction_scores(
-        model, metrics.items, fwd_hooks=hooks, batch_size=config.extraction_batch_size
-    )
+    if all(score.greedy_ids is not None for score in metrics.item_scores):
+        tokenizer = model.tokenizer
+        scored = [
+            score_decoded(tokenizer, item, score.greedy_ids)
+            for item, score in zip(metrics.items, metrics.item_scores, strict=True)
+        ]
+        return _Extraction(
+            exact=[item.exact for item in scored],
+            similarity=[item.similarity for item in scored],
+            decoded=[item.decoded for item in scored],
+        )
+    # Left-padded batches under bfloat16 autocast gave NaN logits on SmolLM2 (the padding
+    # mask's float32 minimum overflows), so decoding prefixes one by one runs unautocast.
+    device_type = next(iter(model.parameters())).device.type
+    with torch.autocast(device_type, enabled=False):
+        result = extraction_scores(
+            model, metrics.items, fwd_hooks=hooks, batch_size=config.extraction_batch_size
+        )
     return _Extraction(
         exact=[item.exact for item in result.items],
         similarity=[item.similarity for item in result.items],
@@ -283,11 +332,18 @@ def _heldout_metrics(
     records: Sequence[PIIRecord] | None,
     hooks: list,
     config: EvaluationConfig,
+    cached_greedy: bool,
 ) -> tuple[float | None, float | None]:
     if not records:
         return None, None
     metrics = record_metrics(
-        model, tokenizer, records, fwd_hooks=hooks, batch_size=config.batch_size, types=config.types
+        model,
+        tokenizer,
+        records,
+        fwd_hooks=hooks,
+        batch_size=config.batch_size,
+        types=config.types,
+        greedy=cached_greedy,
     )
     if not metrics.items:
         return metrics.tokens.perplexity, None

@@ -405,22 +405,31 @@ def extraction_scores(
         eos_token_id=getattr(tokenizer, "eos_token_id", None),
     )
 
-    results = []
-    for item, tokens in zip(items, generated, strict=True):
-        target = _decode(tokenizer, item.target_ids)
-        decoded = _decode(tokenizer, tokens)
-        results.append(
-            ItemExtraction(
-                record_index=item.record_index,
-                span_index=item.span_index,
-                type=item.type,
-                target=target,
-                decoded=decoded,
-                exact=decoded == target,
-                similarity=difflib.SequenceMatcher(None, decoded, target).ratio(),
-            )
-        )
-    return ExtractionResult(items=results)
+    return ExtractionResult(
+        items=[
+            score_decoded(tokenizer, item, tokens)
+            for item, tokens in zip(items, generated, strict=True)
+        ]
+    )
+
+
+def score_decoded(tokenizer: Any, item: PIIItem, tokens: Int[Tensor, " new_pos"]) -> ItemExtraction:
+    """Compare the greedy ``tokens`` decoded for ``item`` with its PII, as strings.
+
+    Both token lists are decoded and stripped of surrounding whitespace; the item is exact
+    when the strings are equal, so a different tokenization of the same string counts.
+    """
+    target = _decode(tokenizer, item.target_ids)
+    decoded = _decode(tokenizer, tokens)
+    return ItemExtraction(
+        record_index=item.record_index,
+        span_index=item.span_index,
+        type=item.type,
+        target=target,
+        decoded=decoded,
+        exact=decoded == target,
+        similarity=difflib.SequenceMatcher(None, decoded, target).ratio(),
+    )
 
 
 def _tokenizer(model: Any) -> Any:

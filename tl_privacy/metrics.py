@@ -419,11 +419,14 @@ class ItemScore:
     ``log_likelihood`` is the log-probability of the PII tokens given the prefix, in nats.
     ``exact`` is True when the argmax prediction is the true token at every PII position,
     which is exactly when greedy decoding from the prefix reproduces the PII tokens (up to
-    ties between logits).
+    ties between logits). ``greedy_ids`` (``[new_pos]``, when :func:`record_metrics` ran
+    with ``greedy=True``) are the tokens greedy decoding from the prefix produces: as many
+    as the PII has, cut before the first EOS.
     """
 
     log_likelihood: float
     exact: bool
+    greedy_ids: Tensor | None = None
 
 
 @dataclass
@@ -446,6 +449,7 @@ def record_metrics(
     batch_size: int = 8,
     types: Sequence[str] | None = None,
     exposure: ExposureConfig | None = None,
+    greedy: bool = False,
 ) -> RecordMetrics:
     """Measure token metrics and, with ``exposure``, exposure and MRR of ``records``.
 
@@ -460,6 +464,9 @@ def record_metrics(
         types: PII types to measure (default all); tokens of other types count neither as
             PII nor towards perplexity.
         exposure: exposure settings, or None to skip exposure and MRR.
+        greedy: also decode each PII item greedily from its prefix (``ItemScore.greedy_ids``)
+            behind the record's KV cache (see :class:`_GreedyDecoder`). Needs a model whose
+            KV cache passes :func:`tree_cache_mode`; :func:`greedy_cache_supported` tells.
     """
     if not records:
         raise ValueError("record_metrics needs at least one record, got none.")
@@ -481,6 +488,15 @@ def record_metrics(
     cache_mode = None
     if exposure is not None and exposure.use_kv_cache and plans:
         cache_mode = tree_cache_mode(model)
+    if greedy:
+        cache_mode = tree_cache_mode(model)
+        if cache_mode is None:
+            raise ValueError(
+                f"{type(model).__name__} has no KV cache that scores tree queries correctly, "
+                "so record_metrics cannot decode greedily behind the records; use "
+                "tl_privacy.extraction.extraction_scores instead"
+            )
+    eos_token_id = getattr(tokenizer, "eos_token_id", None)
 
     with ExitStack() as stack:
         stack.enter_context(torch.no_grad())
@@ -502,8 +518,14 @@ def record_metrics(
                 index: _true_path(logits, input_ids, rows[items[index].record_index], items[index])
                 for index in batch_items
             }
+            decoded = {}
+            if greedy:
+                decoder = _GreedyDecoder(model, cache, logits, rows, items, eos_token_id)
+                decoded = decoder.decode(batch_items)
             for index, path in paths.items():
-                item_scores[index] = ItemScore(log_likelihood=path.score, exact=path.exact)
+                item_scores[index] = ItemScore(
+                    log_likelihood=path.score, exact=path.exact, greedy_ids=decoded.get(index)
+                )
             if plans is None:
                 continue
             scorer = _TrieScorer(model, cache, input_ids, rows, items, paths, plans, exposure)
@@ -1075,8 +1097,6 @@ class _CachedRunner:
         self.cache.batch_select_indices(torch.tensor([row[0].row for row in rows]))
         self.cache_len = int(self.cache.get_seq_length())
         self.pad_id = _model_pad_id(model)
-        self.device = _model_device(model)
-        self.dtype = _model_dtype(model)
 
     def run(self, depth: int, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Run the requested nodes (at ``depth``) of every job and yield, per job and chunk,
@@ -1127,18 +1147,9 @@ class _CachedRunner:
                     visible,
                 )
 
-        mask = torch.zeros(visible.shape, dtype=self.dtype)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        with _quiet_cache_deprecation():
-            logits, self.cache = self.model(
-                input_ids.to(self.device),
-                attention_mask=mask[:, None].to(self.device),
-                position_ids=positions.to(self.device),
-                past_key_values=self.cache,
-                return_type="logits_and_cache",
-            )
+        logits, self.cache = _tree_forward(self.model, self.cache, input_ids, positions, visible)
         self.cache_len = kv_len
-        return logits.float()
+        return logits
 
     def _place(
         self,
@@ -1163,6 +1174,138 @@ class _CachedRunner:
         own_cols = self.cache_len + queries
         visible[row, queries, own_cols] = True
         state.cols[nodes] = own_cols
+
+
+# ---- greedy decoding behind the record's forward pass ----
+
+
+class _GreedyDecoder:
+    """Greedy decoding of every PII item of a record batch, behind the records' KV cache.
+
+    While the greedy tokens equal the PII tokens, their next-token logits are the record's
+    own (teacher-forced) logits, so an item needs forward passes only after its first wrong
+    token. Each pass then runs one query per unfinished item: its last greedy token, at the
+    position it would have after the prefix, seeing the record's columns up to the wrong
+    token and its own earlier queries (the tree mask of :class:`_CachedRunner`). Decoding
+    ``n`` items costs at most ``max PII length - 1`` small passes instead of ``n`` prefix
+    passes plus their steps, and gives the tokens ``greedy_decode`` gives from each prefix
+    alone (up to floating-point ties).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        cache: Any,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        rows: dict[int, int],
+        items: Sequence[PIIItem],
+        eos_token_id: int | None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.logits = logits
+        self.rows = rows
+        self.items = items
+        self.eos_token_id = eos_token_id
+        self.pad_id = _model_pad_id(model)
+
+    def decode(self, item_indices: Sequence[int]) -> dict[int, Tensor]:
+        """Return the greedy tokens of each item, at most its PII length, cut before EOS."""
+        generated: dict[int, list[int]] = {}
+        seen: dict[int, int] = {}  # record columns each diverged item still sees
+        for index in item_indices:
+            tokens, agreed = self._free_tokens(index)
+            generated[index] = tokens
+            if self._unfinished(index, tokens):
+                seen[index] = len(self.items[index].prefix_ids) + agreed
+
+        cache = copy.deepcopy(self.cache)
+        cache_len = int(cache.get_seq_length())
+        own_columns: dict[int, list[int]] = {index: [] for index in seen}
+        active = list(seen)
+        while active:
+            by_row: dict[int, list[int]] = {}
+            for index in active:
+                by_row.setdefault(self.rows[self.items[index].record_index], []).append(index)
+            width = max(len(indices) for indices in by_row.values())
+            n_rows = int(self.logits.shape[0])
+            kv_len = cache_len + width
+            input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+            positions = torch.zeros((n_rows, width), dtype=torch.long)
+            visible = torch.zeros((n_rows, width, kv_len), dtype=torch.bool)
+            visible[:, :, 0] = True  # padding queries see BOS, so no softmax row is empty
+
+            for row, indices in by_row.items():
+                for query, index in enumerate(indices):
+                    tokens = generated[index]
+                    input_ids[row, query] = tokens[-1]
+                    positions[row, query] = len(self.items[index].prefix_ids) + len(tokens) - 1
+                    visible[row, query, : seen[index]] = True
+                    visible[row, query, own_columns[index]] = True
+                    visible[row, query, cache_len + query] = True
+                    own_columns[index].append(cache_len + query)
+
+            logits, cache = _tree_forward(self.model, cache, input_ids, positions, visible)
+            cache_len = kv_len
+            for row, indices in by_row.items():
+                for query, index in enumerate(indices):
+                    generated[index].append(int(logits[row, query].argmax()))
+            active = [index for index in active if self._unfinished(index, generated[index])]
+
+        return {index: self._cut(generated[index]) for index in item_indices}
+
+    def _free_tokens(self, index: int) -> tuple[list[int], int]:
+        """Greedy tokens read off the record's logits: the PII tokens the argmax agrees with,
+        then the first argmax that differs. Returns them and the number that agree."""
+        item = self.items[index]
+        row = self.rows[item.record_index]
+        prefix_len, target = len(item.prefix_ids), item.target_ids.tolist()
+        predicted = self.logits[row, prefix_len - 1 : prefix_len - 1 + len(target)].argmax(-1)
+        tokens: list[int] = []
+        for token, expected in zip(predicted.tolist(), target, strict=True):
+            tokens.append(token)
+            if token != expected:
+                return tokens, len(tokens) - 1
+        return tokens, len(tokens)
+
+    def _unfinished(self, index: int, tokens: list[int]) -> bool:
+        if len(tokens) >= len(self.items[index].target_ids):
+            return False
+        return self.eos_token_id is None or self.eos_token_id not in tokens
+
+    def _cut(self, tokens: list[int]) -> Tensor:
+        if self.eos_token_id is not None and self.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_token_id)]
+        return torch.tensor(tokens, dtype=torch.long)
+
+
+def _tree_forward(
+    model: Any,
+    cache: Any,
+    input_ids: Int[Tensor, "batch query"],
+    positions: Int[Tensor, "batch query"],
+    visible: Bool[Tensor, "batch query kv"],
+) -> tuple[Float[Tensor, "batch query d_vocab"], Any]:
+    """Run queries behind ``cache`` with a 4-D mask: query ``q`` of row ``b`` attends to the
+    key columns where ``visible[b, q]`` is True. Returns float32 logits and the grown cache."""
+    dtype = _model_dtype(model)
+    device = _model_device(model)
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    with _quiet_cache_deprecation():
+        logits, cache = model(
+            input_ids.to(device),
+            attention_mask=mask[:, None].to(device),
+            position_ids=positions.to(device),
+            past_key_values=cache,
+            return_type="logits_and_cache",
+        )
+    return logits.float(), cache
+
+
+def greedy_cache_supported(model: Any) -> bool:
+    """Return whether ``record_metrics(..., greedy=True)`` can decode on ``model``."""
+    return tree_cache_mode(model) is not None
 
 
 # ---- KV cache support ----
@@ -1339,6 +1482,7 @@ __all__ = [
     "exposure_from_scores",
     "exposure_scores",
     "general_perplexity",
+    "greedy_cache_supported",
     "mean_reciprocal_rank",
     "perplexity",
     "record_metrics",

@@ -34,6 +34,7 @@ from tl_privacy.data.records import PIIRecord, load_records
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items, type_names_for
 from tl_privacy.hooks import check_model
 from tl_privacy.neurons import PrivacyNeurons
+from tl_privacy.precision import autocast
 from tl_privacy.redact import Redactor
 from tl_privacy.report import write_report
 
@@ -46,10 +47,10 @@ BASELINE_METHODS = ("random", "activation", "integrated_gradients", "slimming")
 RESULTS_FILE = "results.json"
 NEURONS_FOLDER = "neurons"
 
-# Localization steps per model when --steps is not given. NOTE: SmolLM2's 100 steps are a
-# guess that has not been timed in the full demo. One SmolLM2 step (batch 8, about 100
-# tokens) takes seconds on a CPU core, so the demo likely exceeds 6 minutes on 2 cores.
-DEFAULT_STEPS = {TINY: 200, SMOLLM2: 100}
+# Localization steps per model when --steps is not given. One SmolLM2 step (8 records of
+# about 100 tokens, forward and backward under bfloat16) takes about 2 s on 2 CPU cores,
+# and slimming takes as many steps, so SmolLM2's count sets most of the demo's time.
+DEFAULT_STEPS = {TINY: 200, SMOLLM2: 60}
 FALLBACK_STEPS = 200
 
 # Candidates per PII item for exposure and MRR when the config gives none. The tiny model
@@ -57,6 +58,9 @@ FALLBACK_STEPS = 200
 # candidates bound its exposure at log2(11) = 3.5 bits. 1,000 is the "Secret Sharer" value.
 DEFAULT_CANDIDATES = {TINY: 10}
 FALLBACK_CANDIDATES = 1000
+
+# Records per forward pass in evaluation: no backward pass, so twice the training batch.
+EVALUATION_BATCH_FACTOR = 2
 
 
 class InputError(ValueError):
@@ -88,7 +92,10 @@ class RunConfig:
         view_neurons: maximum number of neurons in the activation view.
         baselines: baseline methods the demo evaluates at the learned set's size.
         specificity: run per-type localization, Jaccard overlap and cross-ablation (demo).
-        batch_size: records per batch in localization and evaluation.
+        batch_size: records per batch in localization (evaluation runs twice as many).
+        precision: ``"auto"``, ``"bfloat16"`` or ``"float32"``: the autocast of
+            localization, baselines and evaluation (see
+            :func:`tl_privacy.precision.resolve_precision`).
         device: torch device; None keeps the model loader's default.
         show_progress: show progress bars.
     """
@@ -110,6 +117,7 @@ class RunConfig:
     baselines: tuple[str, ...] = BASELINE_METHODS
     specificity: bool = True
     batch_size: int = 8
+    precision: str = "auto"
     device: str | None = None
     show_progress: bool = True
 
@@ -127,8 +135,9 @@ class RunConfig:
         return DEFAULT_STEPS.get(self.model, FALLBACK_STEPS)
 
     def per_type_steps(self) -> int:
-        """Return the localization steps of each per-type set: half the main run's."""
-        return max(1, self.localization_steps() // 2)
+        """Return the localization steps of each per-type set: a quarter of the main run's,
+        so that the four per-type runs together cost about one main run."""
+        return max(1, self.localization_steps() // 4)
 
     def candidates(self) -> int:
         """Return ``n_candidates`` or the default for the model."""
@@ -149,6 +158,10 @@ def validate(config: RunConfig, command: str) -> None:
         InputError: naming the invalid value and what to give instead.
     """
     check_budget(config.budget)
+    if config.precision not in ("auto", "bfloat16", "float32"):
+        raise InputError(
+            f"precision must be 'auto', 'bfloat16' or 'float32', got {config.precision!r}"
+        )
     if config.steps is not None and config.steps < 1:
         raise InputError(f"--steps must be at least 1, got {config.steps}")
     if config.n_people < 1:
@@ -520,6 +533,7 @@ def localize_neurons(run: Run) -> None:
             seed=config.seed,
             batch_size=config.batch_size,
             type_names=tuple(run.results["data"]["type_names"]),
+            precision=config.precision,
             show_progress=config.show_progress,
         )
         run.localization_config = settings
@@ -560,8 +574,9 @@ def evaluation_config(run: Run) -> Any:
 
     return EvaluationConfig(
         n_candidates=run.config.candidates(),
-        batch_size=run.config.batch_size,
+        batch_size=run.config.batch_size * EVALUATION_BATCH_FACTOR,
         seed=run.config.seed,
+        precision=run.config.precision,
     )
 
 
@@ -668,16 +683,24 @@ def evaluate_baselines(run: Run) -> None:
 def measure_specificity(run: Run) -> None:
     """Localize each PII type alone, compare the sets, and ablate each set across types.
 
-    Each type's set has the learned set's budget and half its steps
-    (``RunConfig.per_type_steps``), because four per-type runs would otherwise cost four
-    times the main localization.
+    Each type's set has exactly as many neurons as the learned set (its top-ranked gates)
+    and a quarter of its steps (``RunConfig.per_type_steps``), because four per-type runs
+    would otherwise cost four times the main localization.
     Cross-ablation measures exact extraction per type with each set ablated, plus a
     ``"none"`` row for the clean model.
     """
     from tl_privacy.specificity import jaccard_matrix, localize_by_type
 
+    config = run.config
+    # Each type's set has exactly the learned set's size, as the baselines do, so that the
+    # overlaps compare sets of one size and no search pass is spent per type.
+    size = max(1, run.neurons.count)
     settings = dataclasses.replace(
-        run.localization_config, steps=run.config.per_type_steps(), show_progress=False
+        run.localization_config,
+        steps=config.per_type_steps(),
+        selection="budget",
+        budget=size / run.results["model"]["n_neurons"],
+        show_progress=False,
     )
     present = {item.type for item in run.items}
     types = [name for name in settings.type_names if name in present]
@@ -687,7 +710,8 @@ def measure_specificity(run: Run) -> None:
         for pii_type in progress:
             progress.set_postfix(type=pii_type)
             sets.update(localize_by_type(run.model, run.batches, settings, types=[pii_type]))
-        cross = cross_ablation_teacher_forced(run.model, run.items, sets)
+        with autocast(run.model, config.precision):
+            cross = cross_ablation_teacher_forced(run.model, run.tokenizer, run.train, sets)
         counts = {name: neurons.count for name, neurons in sets.items()}
         own = ", ".join(
             f"{name} {_percent(cross['none'].get(name))} -> {_percent(cross[name].get(name))}"
@@ -709,26 +733,33 @@ def measure_specificity(run: Run) -> None:
 
 
 def cross_ablation_teacher_forced(
-    model: Any, items: Sequence[PIIItem], sets: dict[str, PrivacyNeurons]
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[PIIRecord],
+    sets: dict[str, PrivacyNeurons],
 ) -> dict[str, dict[str, float]]:
     """Return ``result[ablated][measured]``: exact extraction of each type with a set ablated.
 
-    Row ``"none"`` is the clean model. Exact extraction is decided by teacher forcing
-    (:func:`tl_privacy.extraction.exact_match_teacher_forced`), which agrees with greedy
-    decoding up to ties between logits at one forward pass per batch, where
-    :func:`tl_privacy.specificity.cross_ablation` decodes token by token.
+    Row ``"none"`` is the clean model. Exact extraction is decided by teacher forcing on the
+    records' own forward pass (``ItemScore.exact`` of :func:`tl_privacy.metrics.record_metrics`),
+    which agrees with greedy decoding up to ties between logits at one pass per batch of
+    records, where :func:`tl_privacy.specificity.cross_ablation` decodes token by token.
     """
-    from tl_privacy.extraction import exact_match_teacher_forced
+    from tl_privacy.metrics import record_metrics
 
-    # Columns in the order of the rows, so a type-specific set shows on the diagonal.
-    present = dict.fromkeys(item.type for item in items)
-    types = [t for t in sets if t in present] + [t for t in present if t not in sets]
-    positions = {t: [i for i, item in enumerate(items) if item.type == t] for t in types}
     rows = {"none": [], **{name: neurons.ablation_hooks() for name, neurons in sets.items()}}
     result = {}
     for name, hooks in rows.items():
-        exact = exact_match_teacher_forced(model, items, fwd_hooks=hooks).float()
-        result[name] = {t: float(exact[positions[t]].mean()) for t in types}
+        metrics = record_metrics(model, tokenizer, records, fwd_hooks=hooks)
+        types = [item.type for item in metrics.items]
+        # Columns in the order of the rows, so a type-specific set shows on the diagonal.
+        present = dict.fromkeys(types)
+        order = [t for t in sets if t in present] + [t for t in present if t not in sets]
+        exact = [score.exact for score in metrics.item_scores]
+        result[name] = {
+            t: sum(e for e, kind in zip(exact, types, strict=True) if kind == t) / types.count(t)
+            for t in order
+        }
     return result
 
 

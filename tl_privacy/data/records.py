@@ -62,7 +62,8 @@ class PIISpan:
 class PIIRecord:
     """A text and the spans that mark its PII.
 
-    Construction validates the text and spans (see ``find_record_problem``) and stores ``spans`` as a tuple.
+    Construction validates the text and spans (see ``find_record_problem``) and stores
+    ``spans`` as a tuple.
     ``meta`` is free-form metadata that is carried along and never interpreted by tokenization.
     """
 
@@ -127,9 +128,10 @@ def load_records(
 
     ``source`` is a ``datasets.Dataset``, a path to a ``.jsonl``, ``.json`` (a list of objects),
     ``.csv`` or ``.parquet`` file, a folder written by ``Dataset.save_to_disk``, or a list of
-    dicts (``PIIRecord`` objects in the list are kept as they are). Each record has the fields ``text`` (required), ``spans`` (a list of
-    ``{start, end, type[, pii]}``; in CSV a JSON string), ``id`` and ``meta``. When a span gives
-    ``pii``, it must equal the text the span covers. Spans come back sorted by start.
+    dicts (``PIIRecord`` objects in the list are kept as they are). Each record has the
+    fields ``text`` (required), ``spans`` (a list of ``{start, end, type[, pii]}``; in CSV a
+    JSON string), ``id`` and ``meta``. When a span gives ``pii``, it must equal the text the
+    span covers. Spans come back sorted by start.
 
     ``auto_label`` adds the spans that ``label_pii`` finds (e-mail addresses and phone numbers)
     to every record. Automatic spans that overlap a span from the source are dropped. The
@@ -324,7 +326,8 @@ def _parse_span(item: Any, index: int, text: Any) -> PIISpan:
     if expected_pii is not None and in_range and span.text(text) != expected_pii:
         raise InvalidRecordError(
             f"span {index} ({span.start}, {span.end}, {span.type}) covers "
-            f"{span.text(text)!r} but its 'pii' field is {expected_pii!r}; fix the offsets or the string"
+            f"{span.text(text)!r} but its 'pii' field is {expected_pii!r}; "
+            "fix the offsets or the string"
         )
     return span
 

@@ -442,7 +442,8 @@ def _phone_candidates(item_text: str, n: int, rng: random.Random) -> list[str]:
     for area in areas:
         for line in PHONE_LINES:
             chars = list(item_text)
-            for position, digit in zip([*area_positions, *line_positions], area + line):
+            positions = [*area_positions, *line_positions]
+            for position, digit in zip(positions, area + line, strict=False):
                 chars[position] = digit
             candidate = "".join(chars)
             if candidate != item_text:

@@ -178,7 +178,7 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
 def _has_zero_width_content(tokenizer: Any, ids: list[int], offsets: list[tuple[int, int]]) -> bool:
     return any(
         start == end and tokenizer.decode([token_id]).strip() != ""
-        for token_id, (start, end) in zip(ids, offsets)
+        for token_id, (start, end) in zip(ids, offsets, strict=False)
     )
 
 
