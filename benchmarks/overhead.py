@@ -10,7 +10,8 @@ load hits every case alike:
   d. forward and backward, a learnable mask on every layer.
 
 The last line printed is one JSON object with the medians (seconds) and
-``fwd_ratio = b / a`` and ``fwd_bwd_ratio = d / c``.
+``fwd_ratio = b / a`` and ``fwd_bwd_ratio = d / c``. The table also goes into the
+``overhead`` section of docs/benchmarks.md (``--no-doc`` leaves the file alone).
 
 Usage: python benchmarks/overhead.py [--model smollm2-135m] [--batch 8] [--seq 64] [--rounds 7]
 """
@@ -23,6 +24,7 @@ import statistics
 import time
 
 import torch
+from _markdown import markdown_table, write_section
 
 from tl_privacy import HardConcreteMask
 from tl_privacy.hooks import attached, mlp_post_name
@@ -37,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64, help="tokens per row")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (>= 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-doc", action="store_true", help="do not write the table to docs/benchmarks.md"
+    )
     return parser.parse_args()
 
 
@@ -55,7 +60,9 @@ def main() -> None:
 
     model = load_model(args.model)
     vocab = model.cfg.d_vocab
-    tokens = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
 
     eval_mask = HardConcreteMask.for_model(model).eval()
     train_mask = HardConcreteMask.for_model(model, seed=0).train()
@@ -103,7 +110,36 @@ def main() -> None:
         "fwd_ratio": round(medians["fwd_masked_all"] / medians["fwd_plain"], 4),
         "fwd_bwd_ratio": round(medians["fwd_bwd_mask_all"] / medians["fwd_bwd_mask_layer0"], 4),
     }
+    if not args.no_doc:
+        write_doc(args, medians, summary)
     print(json.dumps(summary))
+
+
+def write_doc(args: argparse.Namespace, medians: dict[str, float], summary: dict) -> None:
+    rows = [
+        ["a. forward, no hooks", medians["fwd_plain"] * 1000, None],
+        [
+            "b. forward, eval mask on every layer",
+            medians["fwd_masked_all"] * 1000,
+            summary["fwd_ratio"],
+        ],
+        [
+            "c. forward + backward, learnable mask on layer 0",
+            medians["fwd_bwd_mask_layer0"] * 1000,
+            None,
+        ],
+        [
+            "d. forward + backward, learnable mask on every layer",
+            medians["fwd_bwd_mask_all"] * 1000,
+            summary["fwd_bwd_ratio"],
+        ],
+    ]
+    body = (
+        f"{args.model}, batch {args.batch} x {args.seq} tokens, float32, median of "
+        f"{args.rounds} interleaved rounds. The ratio is b / a for the forward pass and d / c "
+        "for the training step.\n\n" + markdown_table(["case", "median (ms)", "ratio"], rows)
+    )
+    write_section("overhead", "Hook overhead", body)
 
 
 if __name__ == "__main__":

@@ -340,6 +340,23 @@ def test_greedy_behind_records_matches_greedy_decode(memorized_llama):
     assert model.hook_dict["blocks.1.mlp.hook_post"].fwd_hooks == []
 
 
-def test_greedy_needs_a_tree_cache(tiny_model, tiny_tokenizer, synthetic_corpus):
-    with pytest.raises(ValueError, match="extraction_scores"):
-        record_metrics(tiny_model, tiny_tokenizer, synthetic_corpus.train[:1], greedy=True)
+def test_greedy_without_tree_cache_matches_greedy_decode(memorized_tiny):
+    """A TL-native model has no KV cache; its items continue from the records' pass by
+    re-running prefixes, and still give greedy_decode's tokens."""
+    from tl_privacy.extraction import greedy_decode
+
+    model, corpus, _ = memorized_tiny
+    records = corpus.train[:8]
+    hooks = [("blocks.1.mlp.hook_post", lambda act, hook: act * 0.3)]
+    metrics = record_metrics(model, model.tokenizer, records, fwd_hooks=hooks, greedy=True)
+    reference = greedy_decode(
+        model,
+        [item.prefix_ids for item in metrics.items],
+        [len(item.target_ids) for item in metrics.items],
+        fwd_hooks=hooks,
+        eos_token_id=model.tokenizer.eos_token_id,
+    )
+    decoded = [score.greedy_ids.tolist() for score in metrics.item_scores]
+    assert decoded == [tokens.tolist() for tokens in reference]
+    follows = [d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items)]
+    assert any(follows) and not all(follows)

@@ -3,11 +3,9 @@
 :func:`evaluate` measures, with the same hooks throughout:
 
 - greedy extraction of the training PII (exact rate and character similarity), and of the
-  held-out PII. On models whose KV cache supports tree queries (Hugging Face models behind a
-  ``TransformerBridge``) the items are decoded behind each record's own forward pass
-  (``record_metrics(..., greedy=True)``); otherwise
-  :func:`tl_privacy.extraction.extraction_scores` decodes each prefix on its own. Both give
-  the same tokens;
+  held-out PII, decoded from each record's own forward pass onwards
+  (``record_metrics(..., greedy=True)``), which gives the tokens that decoding each prefix
+  alone gives;
 - exposure and MRR of the training PII among candidates of the same format;
 - teacher-forced PII token accuracy and cross-entropy on the training records;
 - perplexity on the non-PII tokens of the training and held-out records and on general text.
@@ -24,10 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-import torch
-
 from tl_privacy.data.records import PIIRecord
-from tl_privacy.extraction import extraction_scores, score_decoded
+from tl_privacy.extraction import score_decoded
 from tl_privacy.metrics import (
     DEFAULT_N_CANDIDATES,
     DEFAULT_WINDOW,
@@ -35,7 +31,6 @@ from tl_privacy.metrics import (
     ExposureResult,
     RecordMetrics,
     general_perplexity,
-    greedy_cache_supported,
     record_metrics,
 )
 from tl_privacy.precision import autocast
@@ -156,7 +151,8 @@ class EvaluationResult:
         perplexity_train: perplexity of the training records' non-PII tokens.
         perplexity_heldout: perplexity of the held-out records' non-PII tokens.
         perplexity_general: perplexity of the general English text.
-        heldout_extraction_exact: share of held-out PII items that greedy decoding reproduces.
+        heldout_extraction_exact: share of held-out PII items that greedy decoding reproduces,
+            decided by teacher forcing (equal up to ties between logits).
         by_type: per PII type, the leakage metrics above plus ``n_items`` and
             ``n_candidates`` (mean candidates per ranked item).
         items: one row per training PII item: ``record_index``, ``span_index``, ``type``,
@@ -228,7 +224,7 @@ def _evaluate(
     hooks = list(fwd_hooks)
     timings: dict[str, float] = {}
 
-    cached_greedy = config.extraction == "greedy" and greedy_cache_supported(model)
+    greedy = config.extraction == "greedy"
     clock = time.perf_counter()
     train = record_metrics(
         model,
@@ -238,7 +234,7 @@ def _evaluate(
         batch_size=config.batch_size,
         types=config.types,
         exposure=config.exposure_config(),
-        greedy=cached_greedy,
+        greedy=greedy,
     )
     timings["records and exposure"] = time.perf_counter() - clock
     if not train.items:
@@ -254,7 +250,7 @@ def _evaluate(
 
     clock = time.perf_counter()
     perplexity_heldout, heldout_exact = _heldout_metrics(
-        model, tokenizer, heldout_records, hooks, config, cached_greedy
+        model, tokenizer, heldout_records, hooks, config
     )
     timings["held-out"] = time.perf_counter() - clock
 
@@ -301,28 +297,15 @@ def _extraction(
 ) -> _Extraction:
     if config.extraction == "teacher_forced":
         return _Extraction([score.exact for score in metrics.item_scores], None, None)
-    if all(score.greedy_ids is not None for score in metrics.item_scores):
-        tokenizer = model.tokenizer
-        scored = [
-            score_decoded(tokenizer, item, score.greedy_ids)
-            for item, score in zip(metrics.items, metrics.item_scores, strict=True)
-        ]
-        return _Extraction(
-            exact=[item.exact for item in scored],
-            similarity=[item.similarity for item in scored],
-            decoded=[item.decoded for item in scored],
-        )
-    # Left-padded batches under bfloat16 autocast gave NaN logits on SmolLM2 (the padding
-    # mask's float32 minimum overflows), so decoding prefixes one by one runs unautocast.
-    device_type = next(iter(model.parameters())).device.type
-    with torch.autocast(device_type, enabled=False):
-        result = extraction_scores(
-            model, metrics.items, fwd_hooks=hooks, batch_size=config.extraction_batch_size
-        )
+    tokenizer = model.tokenizer
+    scored = [
+        score_decoded(tokenizer, item, score.greedy_ids)
+        for item, score in zip(metrics.items, metrics.item_scores, strict=True)
+    ]
     return _Extraction(
-        exact=[item.exact for item in result.items],
-        similarity=[item.similarity for item in result.items],
-        decoded=[item.decoded for item in result.items],
+        exact=[item.exact for item in scored],
+        similarity=[item.similarity for item in scored],
+        decoded=[item.decoded for item in scored],
     )
 
 
@@ -332,23 +315,19 @@ def _heldout_metrics(
     records: Sequence[PIIRecord] | None,
     hooks: list,
     config: EvaluationConfig,
-    cached_greedy: bool,
 ) -> tuple[float | None, float | None]:
     if not records:
         return None, None
+    # Only the exact rate of held-out items is reported, and teacher forcing decides it from
+    # the records' pass. Greedy decoding would add a pass per token for every item, because a
+    # model that never saw the PII leaves it at once.
     metrics = record_metrics(
-        model,
-        tokenizer,
-        records,
-        fwd_hooks=hooks,
-        batch_size=config.batch_size,
-        types=config.types,
-        greedy=cached_greedy,
+        model, tokenizer, records, fwd_hooks=hooks, batch_size=config.batch_size, types=config.types
     )
     if not metrics.items:
         return metrics.tokens.perplexity, None
-    extraction = _extraction(model, metrics, hooks, config)
-    return metrics.tokens.perplexity, extraction.rates(range(len(metrics.items)))[0]
+    exact = [score.exact for score in metrics.item_scores]
+    return metrics.tokens.perplexity, sum(exact) / len(exact)
 
 
 def _result(

@@ -464,9 +464,8 @@ def record_metrics(
         types: PII types to measure (default all); tokens of other types count neither as
             PII nor towards perplexity.
         exposure: exposure settings, or None to skip exposure and MRR.
-        greedy: also decode each PII item greedily from its prefix (``ItemScore.greedy_ids``)
-            behind the record's KV cache (see :class:`_GreedyDecoder`). Needs a model whose
-            KV cache passes :func:`tree_cache_mode`; :func:`greedy_cache_supported` tells.
+        greedy: also decode each PII item greedily from its prefix (``ItemScore.greedy_ids``),
+            starting from the record's own pass (see :class:`_GreedyDecoder`).
     """
     if not records:
         raise ValueError("record_metrics needs at least one record, got none.")
@@ -490,12 +489,6 @@ def record_metrics(
         cache_mode = tree_cache_mode(model)
     if greedy:
         cache_mode = tree_cache_mode(model)
-        if cache_mode is None:
-            raise ValueError(
-                f"{type(model).__name__} has no KV cache that scores tree queries correctly, "
-                "so record_metrics cannot decode greedily behind the records; use "
-                "tl_privacy.extraction.extraction_scores instead"
-            )
     eos_token_id = getattr(tokenizer, "eos_token_id", None)
 
     with ExitStack() as stack:
@@ -1180,16 +1173,19 @@ class _CachedRunner:
 
 
 class _GreedyDecoder:
-    """Greedy decoding of every PII item of a record batch, behind the records' KV cache.
+    """Greedy decoding of every PII item of a record batch, starting from the records' pass.
 
     While the greedy tokens equal the PII tokens, their next-token logits are the record's
     own (teacher-forced) logits, so an item needs forward passes only after its first wrong
-    token. Each pass then runs one query per unfinished item: its last greedy token, at the
-    position it would have after the prefix, seeing the record's columns up to the wrong
-    token and its own earlier queries (the tree mask of :class:`_CachedRunner`). Decoding
-    ``n`` items costs at most ``max PII length - 1`` small passes instead of ``n`` prefix
-    passes plus their steps, and gives the tokens ``greedy_decode`` gives from each prefix
-    alone (up to floating-point ties).
+    token. With a KV cache that takes tree queries (``cache`` not None), each pass then runs
+    one query per unfinished item: its last greedy token, at the position it would have
+    after the prefix, seeing the record's columns up to the wrong token and its own earlier
+    queries (the tree mask of :class:`_CachedRunner`). Decoding ``n`` items costs at most
+    ``max PII length - 1`` small passes instead of ``n`` prefix passes plus their steps.
+    Without such a cache, the unfinished items continue with
+    :func:`tl_privacy.extraction.greedy_decode` from the prefix, the agreed PII tokens and
+    the first wrong one. Either way the tokens are those ``greedy_decode`` gives from each
+    prefix alone (up to floating-point ties).
     """
 
     def __init__(
@@ -1218,6 +1214,10 @@ class _GreedyDecoder:
             generated[index] = tokens
             if self._unfinished(index, tokens):
                 seen[index] = len(self.items[index].prefix_ids) + agreed
+
+        if self.cache is None:
+            self._continue_uncached(generated, list(seen))
+            return {index: self._cut(generated[index]) for index in item_indices}
 
         cache = copy.deepcopy(self.cache)
         cache_len = int(cache.get_seq_length())
@@ -1253,6 +1253,28 @@ class _GreedyDecoder:
             active = [index for index in active if self._unfinished(index, generated[index])]
 
         return {index: self._cut(generated[index]) for index in item_indices}
+
+    def _continue_uncached(self, generated: dict[int, list[int]], unfinished: list[int]) -> None:
+        from tl_privacy.extraction import greedy_decode
+
+        if not unfinished:
+            return
+        prefixes, limits = [], []
+        for index in unfinished:
+            item = self.items[index]
+            tokens = torch.tensor(generated[index], dtype=torch.long)
+            prefixes.append(torch.cat([item.prefix_ids, tokens]))
+            limits.append(len(item.target_ids) - len(generated[index]))
+        # The hooks of record_metrics are attached already, so none are passed again.
+        # Left-padded batches under bfloat16 autocast gave NaN logits on SmolLM2 (the padding
+        # mask's float32 minimum overflows), so these prefixes run without autocast.
+        device_type = _model_device(self.model).type
+        with torch.autocast(device_type, enabled=False):
+            continued = greedy_decode(
+                self.model, prefixes, limits, batch_size=64, eos_token_id=self.eos_token_id
+            )
+        for index, tokens in zip(unfinished, continued, strict=True):
+            generated[index].extend(tokens.tolist())
 
     def _free_tokens(self, index: int) -> tuple[list[int], int]:
         """Greedy tokens read off the record's logits: the PII tokens the argmax agrees with,
@@ -1301,11 +1323,6 @@ def _tree_forward(
             return_type="logits_and_cache",
         )
     return logits.float(), cache
-
-
-def greedy_cache_supported(model: Any) -> bool:
-    """Return whether ``record_metrics(..., greedy=True)`` can decode on ``model``."""
-    return tree_cache_mode(model) is not None
 
 
 # ---- KV cache support ----
@@ -1482,7 +1499,6 @@ __all__ = [
     "exposure_from_scores",
     "exposure_scores",
     "general_perplexity",
-    "greedy_cache_supported",
     "mean_reciprocal_rank",
     "perplexity",
     "record_metrics",

@@ -49,18 +49,27 @@ NEURONS_FOLDER = "neurons"
 
 # Localization steps per model when --steps is not given. One SmolLM2 step (8 records of
 # about 100 tokens, forward and backward under bfloat16) takes about 2 s on 2 CPU cores,
-# and slimming takes as many steps, so SmolLM2's count sets most of the demo's time.
-DEFAULT_STEPS = {TINY: 200, SMOLLM2: 60}
+# and slimming takes as many steps, so SmolLM2's count sets most of the demo's time. With
+# 60 steps few gates had moved far enough, and the 1% set cut extraction only to 42%.
+DEFAULT_STEPS = {TINY: 200, SMOLLM2: 100}
 FALLBACK_STEPS = 200
 
 # Candidates per PII item for exposure and MRR when the config gives none. The tiny model
 # has no KV cache, so each candidate costs forward passes over the whole prefix; 10
 # candidates bound its exposure at log2(11) = 3.5 bits. 1,000 is the "Secret Sharer" value.
-DEFAULT_CANDIDATES = {TINY: 10}
+# SmolLM2 gets 100 (at most log2(101) = 6.66 bits): the demo evaluates six neuron sets, and
+# 1,000 candidates cost about 20 s more per set once ablation lowers the true PII's score.
+DEFAULT_CANDIDATES = {TINY: 10, SMOLLM2: 100}
 FALLBACK_CANDIDATES = 1000
 
 # Records per forward pass in evaluation: no backward pass, so twice the training batch.
 EVALUATION_BATCH_FACTOR = 2
+
+# PII items decoded side by side where greedy decoding re-runs whole prefixes (models without
+# a usable KV cache, such as the tiny TL-native one). Each step is one call per batch, and
+# at the tiny model's size the call overhead outweighs the tokens: 160 items in one batch
+# decoded in about a quarter of the time of five batches of 32.
+EXTRACTION_BATCH_SIZE = 256
 
 
 class InputError(ValueError):
@@ -575,6 +584,7 @@ def evaluation_config(run: Run) -> Any:
     return EvaluationConfig(
         n_candidates=run.config.candidates(),
         batch_size=run.config.batch_size * EVALUATION_BATCH_FACTOR,
+        extraction_batch_size=EXTRACTION_BATCH_SIZE,
         seed=run.config.seed,
         precision=run.config.precision,
     )
