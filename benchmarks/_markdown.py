@@ -51,7 +51,9 @@ def write_section(name: str, title: str, body: str, doc: Path = DOC) -> Path:
     table in the file says how it was made.
     """
     if not re.fullmatch(r"[a-z0-9_-]+", name):
-        raise ValueError(f"section name must be lower-case letters, digits, '-' or '_', got {name!r}")
+        raise ValueError(
+            f"section name must be lower-case letters, digits, '-' or '_', got {name!r}"
+        )
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     section = (
         f"{begin}\n## {title}\n\n"

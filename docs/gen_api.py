@@ -28,6 +28,7 @@ MODULES = [
     ("tl_privacy.evaluation", "Evaluation"),
     ("tl_privacy.baselines", "Baselines"),
     ("tl_privacy.specificity", "Specificity"),
+    ("tl_privacy.injection", "Ground truth: PII injected into known neurons"),
     ("tl_privacy.visualize", "circuitsvis views"),
     ("tl_privacy.redact", "Redaction"),
     ("tl_privacy.report", "HTML report"),

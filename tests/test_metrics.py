@@ -331,7 +331,9 @@ def test_greedy_behind_records_matches_greedy_decode(memorized_llama):
         )
         decoded = [score.greedy_ids.tolist() for score in metrics.item_scores]
         assert decoded == [tokens.tolist() for tokens in reference], f"scale {scale}"
-        follows = [d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items)]
+        follows = [
+            d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items, strict=True)
+        ]
         if scale == 1.0:
             assert all(follows)
         mixed |= any(follows) and not all(follows)
@@ -358,5 +360,7 @@ def test_greedy_without_tree_cache_matches_greedy_decode(memorized_tiny):
     )
     decoded = [score.greedy_ids.tolist() for score in metrics.item_scores]
     assert decoded == [tokens.tolist() for tokens in reference]
-    follows = [d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items)]
+    follows = [
+        d == item.target_ids.tolist() for d, item in zip(decoded, metrics.items, strict=True)
+    ]
     assert any(follows) and not all(follows)

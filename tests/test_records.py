@@ -61,7 +61,7 @@ def test_fixture_file_loads():
 
     assert len(records) == 20
     assert len({record.record_id for record in records}) == 20
-    for record, row in zip(records, fixture_rows()):
+    for record, row in zip(records, fixture_rows(), strict=True):
         user_spans = sorted((s["start"], s["end"], s["pii"]) for s in row["spans"])
         assert [(s.start, s.end, s.text(record.text)) for s in record.spans] == user_spans
     types = {span.type for record in records for span in record.spans}

@@ -208,7 +208,7 @@ def test_fixture_records_cover_every_span(tokenizer):
     records = load_records(FIXTURES / "records.jsonl")
     for record in records:
         tokenized = tokenize_record(tokenizer, record)
-        for span, (first, stop) in zip(record.spans, tokenized.span_token_ranges):
+        for span, (first, stop) in zip(record.spans, tokenized.span_token_ranges, strict=True):
             expected = overlapping_content_tokens(record, tokenized, span)
             assert stop > first, f"{record.record_id}: span {span} has no tokens"
             assert expected[0] == first
@@ -221,7 +221,7 @@ def test_repeated_name_labelled_twice(tokenizer):
     tokenized = tokenize_record(tokenizer, record)
     ruth = [
         r
-        for s, r in zip(record.spans, tokenized.span_token_ranges)
+        for s, r in zip(record.spans, tokenized.span_token_ranges, strict=True)
         if s.text(record.text) == "Ruth Ellison"
     ]
 

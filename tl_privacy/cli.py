@@ -261,6 +261,12 @@ def _add_localization_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"localization optimizer steps, one batch each (default per model: {steps})",
     )
+    parser.add_argument(
+        "--no-keep-text",
+        action="store_true",
+        help="localize with the records alone, without the shipped everyday essays that "
+        "keep the model's predictions on ordinary English (see docs/concepts.md)",
+    )
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -324,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         model=args.model,
         budget=getattr(args, "budget", RunConfig.budget),
         steps=getattr(args, "steps", None),
+        keep_text=not getattr(args, "no_keep_text", False),
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,

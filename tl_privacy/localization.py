@@ -483,6 +483,8 @@ class Localizer:
         matched = total = 0
         with torch.no_grad(), self.mask.bypassed(), attached(self.model, hooks), self._autocast():
             for batch in self._data:
+                if not bool(batch.get("suppress_mask", batch["pii_mask"]).any()):
+                    continue  # a keep-only batch has no string to match
                 self.passes["forward"] += 1
                 logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
                 hits, count = _string_matches(logits, batch)

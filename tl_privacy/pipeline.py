@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import resource
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tl_privacy.data.general import keep_text
 from tl_privacy.data.records import PIIRecord, load_records
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items, type_names_for
 from tl_privacy.hooks import check_model
@@ -59,8 +61,14 @@ FALLBACK_STEPS = 200
 # candidates bound its exposure at log2(11) = 3.5 bits. 1,000 is the "Secret Sharer" value.
 # SmolLM2 gets 100 (at most log2(101) = 6.66 bits): the demo evaluates six neuron sets, and
 # 1,000 candidates cost about 20 s more per set once ablation lowers the true PII's score.
+# NOTE: the candidate tries still cost up to 240 s for a set that makes the PII unlikely
+# (integrated gradients' 1% set in the demo), because few candidates can be pruned then.
 DEFAULT_CANDIDATES = {TINY: 10, SMOLLM2: 100}
 FALLBACK_CANDIDATES = 1000
+
+# Words per keep-only piece: about as long as a record (about 100 SmolLM2 tokens), and short
+# enough for the tiny model's 256 positions with its corpus-trained tokenizer.
+KEEP_PIECE_WORDS = 70
 
 # Records per forward pass in evaluation: no backward pass, so twice the training batch.
 EVALUATION_BATCH_FACTOR = 2
@@ -102,6 +110,10 @@ class RunConfig:
         baselines: baseline methods the demo evaluates at the learned set's size.
         specificity: run per-type localization, Jaccard overlap and cross-ablation (demo).
         batch_size: records per batch in localization (evaluation runs twice as many).
+        keep_text: add the essays of :func:`tl_privacy.data.keep_text` to the localization
+            batches as keep-only batches (``demo`` and ``localize``). Without them the keep
+            term sees only the records, whose text a memorizing model predicts from memory,
+            and on SmolLM2 the 1% set raised general-text perplexity by 45%.
         precision: ``"auto"``, ``"bfloat16"`` or ``"float32"``: the autocast of
             localization, baselines and evaluation (see
             :func:`tl_privacy.precision.resolve_precision`).
@@ -126,6 +138,7 @@ class RunConfig:
     baselines: tuple[str, ...] = BASELINE_METHODS
     specificity: bool = True
     batch_size: int = 8
+    keep_text: bool = True
     precision: str = "auto"
     device: str | None = None
     show_progress: bool = True
@@ -361,6 +374,7 @@ class Run:
     train: list[PIIRecord] = field(default_factory=list)
     heldout: list[PIIRecord] = field(default_factory=list)
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    keep_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     items: list[PIIItem] = field(default_factory=list)
     neurons: PrivacyNeurons | None = None
     localization_config: Any = None
@@ -514,17 +528,49 @@ def memorize_records(run: Run) -> None:
 
 
 def prepare_batches(run: Run) -> None:
-    """Tokenize the training records into batches and cut the PII items, once per run."""
+    """Tokenize the training records into batches and cut the PII items, once per run.
+
+    With ``keep_text`` the essays of :func:`tl_privacy.data.keep_text` become extra batches
+    without PII, one record per paragraph, so the gates and slimming keep the model's
+    predictions on ordinary English as well as on the records.
+    """
     with run.stage("tokenize") as stage:
         type_names = type_names_for([*run.train, *run.heldout])
         run.batches = make_batches(
             run.tokenizer, run.train, run.config.batch_size, type_names=type_names
         )
+        run.keep_batches = []
+        if run.config.keep_text:
+            pieces = [PIIRecord(text=piece) for piece in keep_pieces(keep_text())]
+            run.keep_batches = make_batches(
+                run.tokenizer, pieces, run.config.batch_size, type_names=type_names
+            )
         run.items = pii_items(run.tokenizer, run.train)
         tokens = sum(int(batch["attention_mask"].sum()) for batch in run.batches)
-        stage.summary(f"{len(run.batches)} batches, {tokens} tokens, {len(run.items)} PII items")
+        keep = sum(int(batch["attention_mask"].sum()) for batch in run.keep_batches)
+        stage.summary(
+            f"{len(run.batches)} batches, {tokens} tokens, {len(run.items)} PII items; "
+            f"{len(run.keep_batches)} keep-only batches, {keep} tokens"
+        )
     run.results["data"]["n_pii_items"] = len(run.items)
     run.results["data"]["type_names"] = list(type_names)
+
+
+def keep_pieces(text: str, max_words: int = KEEP_PIECE_WORDS) -> list[str]:
+    """Cut ``text`` into pieces of whole sentences, at most ``max_words`` words where a
+    sentence allows, never across a paragraph."""
+    pieces = []
+    for paragraph in text.split("\n\n"):
+        current: list[str] = []
+        for sentence in re.split(r"(?<=[.!?])\s+", paragraph.strip()):
+            words = sum(len(part.split()) for part in current)
+            if current and words + len(sentence.split()) > max_words:
+                pieces.append(" ".join(current))
+                current = []
+            current.append(sentence)
+        if current:
+            pieces.append(" ".join(current))
+    return [piece for piece in pieces if piece]
 
 
 # ---- stage: localize ----
@@ -546,7 +592,8 @@ def localize_neurons(run: Run) -> None:
             show_progress=config.show_progress,
         )
         run.localization_config = settings
-        run.neurons = localize(run.model, run.batches, settings, model_name=run.model_name)
+        data = [*run.batches, *run.keep_batches]
+        run.neurons = localize(run.model, data, settings, model_name=run.model_name)
         stage.summary(
             f"{run.neurons.count} privacy neurons ({run.neurons.fraction:.3%} of all), "
             f"by layer {run.neurons.by_layer()}"
@@ -668,9 +715,10 @@ def evaluate_baselines(run: Run) -> None:
                 metrics[method] = _metrics_json(run.evaluations["clean"], run.config.show_pii)
                 summaries[method] = {"count": 0, "by_layer": [0] * run.neurons.n_layers}
                 continue
-            chosen = select(
-                method, run.model, run.batches, k, seed=run.config.seed, config=settings
-            )
+            # The objective-based baseline gets the keep-only batches too; the others read
+            # PII positions, which those batches do not have.
+            data = [*run.batches, *run.keep_batches] if method == "slimming" else run.batches
+            chosen = select(method, run.model, data, k, seed=run.config.seed, config=settings)
             evaluation = _evaluate(run, chosen.ablation_hooks())
             metrics[method] = _metrics_json(evaluation, run.config.show_pii)
             summaries[method] = {
@@ -719,7 +767,8 @@ def measure_specificity(run: Run) -> None:
         progress = _progress(run, types, "specificity")
         for pii_type in progress:
             progress.set_postfix(type=pii_type)
-            sets.update(localize_by_type(run.model, run.batches, settings, types=[pii_type]))
+            data = [*run.batches, *run.keep_batches]
+            sets.update(localize_by_type(run.model, data, settings, types=[pii_type]))
         with autocast(run.model, config.precision):
             cross = cross_ablation_teacher_forced(run.model, run.tokenizer, run.train, sets)
         counts = {name: neurons.count for name, neurons in sets.items()}

@@ -1,6 +1,6 @@
 """PII records, automatic labels, tokenization with PII labels, and the bundled corpora."""
 
-from tl_privacy.data.general import general_text
+from tl_privacy.data.general import general_text, keep_text
 from tl_privacy.data.labelling import find_emails, find_phone_numbers, label_pii
 from tl_privacy.data.records import (
     PII_TYPES,
@@ -44,6 +44,7 @@ __all__ = [
     "find_emails",
     "find_phone_numbers",
     "general_text",
+    "keep_text",
     "generate_corpus",
     "label_pii",
     "load_records",
