@@ -249,14 +249,14 @@ def learned_selections(run: Run, options: Options, n_neurons: int) -> list[Selec
     if options.mode == "per_budget":
         for budget in options.budgets:
             settings = localization_settings(run, options, budget)
-            neurons = localize(run.model, run.batches, settings, model_name=run.model_name)
+            neurons = localize(run.model, _objective_data(run), settings, model_name=run.model_name)
             k = budget_neurons(budget, n_neurons)
             selections.append(_selection(LEARNED, budget, k, neurons, f"{LEARNED}@{budget}"))
         return selections
 
     largest = options.budgets[-1]
     settings = localization_settings(run, options, largest)
-    trained = localize(run.model, run.batches, settings, model_name=run.model_name)
+    trained = localize(run.model, _objective_data(run), settings, model_name=run.model_name)
     for budget in options.budgets:
         k = budget_neurons(budget, n_neurons)
         neurons = trained if k >= trained.count else trained.top_k(k)
@@ -274,19 +274,26 @@ def baseline_selections(
     """
     ks = {budget: budget_neurons(budget, n_neurons) for budget in options.budgets}
     per_budget = method == "slimming" and options.mode == "per_budget"
+    data = _objective_data(run) if method == "slimming" else run.batches
     if per_budget:
         selections = []
         for budget, k in ks.items():
-            neurons = select(method, run.model, run.batches, k, seed=options.seed, config=config)
+            neurons = select(method, run.model, data, k, seed=options.seed, config=config)
             selections.append(_selection(method, budget, k, neurons, f"{method}@{budget}"))
         return selections
 
     largest = options.budgets[-1]
-    scored = select(method, run.model, run.batches, ks[largest], seed=options.seed, config=config)
+    scored = select(method, run.model, data, ks[largest], seed=options.seed, config=config)
     return [
         _selection(method, budget, k, scored.top_k(k), f"{method}@{largest}")
         for budget, k in ks.items()
     ]
+
+
+def _objective_data(run: Run) -> list:
+    """The batches of the objective-based methods: the records plus the keep-only batches of
+    the shipped essays, as the demo gives them (``RunConfig.keep_text``)."""
+    return [*run.batches, *run.keep_batches]
 
 
 def per_layer_ig_passes(joint: Selection, n_layers: int) -> dict[str, int]:

@@ -63,7 +63,8 @@ class EvaluationConfig:
         n_candidates: candidates per PII item for exposure and MRR; 0 skips both (they are
             then None). Exposure's maximum is ``log2(n_candidates + 1)`` bits.
         batch_size: records (or general-text windows) per forward pass.
-        extraction_batch_size: PII items decoded side by side in greedy extraction.
+        extraction_batch_size: PII items decoded side by side where greedy extraction
+            re-runs prefixes (models without a tree-capable KV cache, such as TL-native ones).
         seed: seed of the candidate draws.
         general_text_tokens: tokens of the general text to use, or None for all of it
             (about 5,500 SmolLM2 tokens).
@@ -235,6 +236,7 @@ def _evaluate(
         types=config.types,
         exposure=config.exposure_config(),
         greedy=greedy,
+        decode_batch_size=config.extraction_batch_size,
     )
     timings["records and exposure"] = time.perf_counter() - clock
     if not train.items:

@@ -450,6 +450,7 @@ def record_metrics(
     types: Sequence[str] | None = None,
     exposure: ExposureConfig | None = None,
     greedy: bool = False,
+    decode_batch_size: int = 32,
 ) -> RecordMetrics:
     """Measure token metrics and, with ``exposure``, exposure and MRR of ``records``.
 
@@ -466,6 +467,8 @@ def record_metrics(
         exposure: exposure settings, or None to skip exposure and MRR.
         greedy: also decode each PII item greedily from its prefix (``ItemScore.greedy_ids``),
             starting from the record's own pass (see :class:`_GreedyDecoder`).
+        decode_batch_size: prefixes decoded side by side where items continue without a
+            tree-capable KV cache.
     """
     if not records:
         raise ValueError("record_metrics needs at least one record, got none.")
@@ -513,7 +516,9 @@ def record_metrics(
             }
             decoded = {}
             if greedy:
-                decoder = _GreedyDecoder(model, cache, logits, rows, items, eos_token_id)
+                decoder = _GreedyDecoder(
+                    model, cache, logits, rows, items, eos_token_id, decode_batch_size
+                )
                 decoded = decoder.decode(batch_items)
             for index, path in paths.items():
                 item_scores[index] = ItemScore(
@@ -1196,8 +1201,10 @@ class _GreedyDecoder:
         rows: dict[int, int],
         items: Sequence[PIIItem],
         eos_token_id: int | None,
+        batch_size: int = 32,
     ) -> None:
         self.model = model
+        self.batch_size = batch_size
         self.cache = cache
         self.logits = logits
         self.rows = rows
@@ -1208,7 +1215,7 @@ class _GreedyDecoder:
     def decode(self, item_indices: Sequence[int]) -> dict[int, Tensor]:
         """Return the greedy tokens of each item, at most its PII length, cut before EOS."""
         generated: dict[int, list[int]] = {}
-        seen: dict[int, int] = {}  # record columns each diverged item still sees
+        seen: dict[int, int] = {}  # number of record columns visible to each diverged item
         for index in item_indices:
             tokens, agreed = self._free_tokens(index)
             generated[index] = tokens
@@ -1271,7 +1278,11 @@ class _GreedyDecoder:
         device_type = _model_device(self.model).type
         with torch.autocast(device_type, enabled=False):
             continued = greedy_decode(
-                self.model, prefixes, limits, batch_size=64, eos_token_id=self.eos_token_id
+                self.model,
+                prefixes,
+                limits,
+                batch_size=self.batch_size,
+                eos_token_id=self.eos_token_id,
             )
         for index, tokens in zip(unfinished, continued, strict=True):
             generated[index].extend(tokens.tolist())

@@ -73,12 +73,6 @@ KEEP_PIECE_WORDS = 70
 # Records per forward pass in evaluation: no backward pass, so twice the training batch.
 EVALUATION_BATCH_FACTOR = 2
 
-# PII items decoded side by side where greedy decoding re-runs whole prefixes (models without
-# a usable KV cache, such as the tiny TL-native one). Each step is one call per batch, and
-# at the tiny model's size the call overhead outweighs the tokens: 160 items in one batch
-# decoded in about a quarter of the time of five batches of 32.
-EXTRACTION_BATCH_SIZE = 256
-
 
 class InputError(ValueError):
     """Invalid user input (a path, a model name, a setting); the CLI exits with code 2."""
@@ -631,7 +625,6 @@ def evaluation_config(run: Run) -> Any:
     return EvaluationConfig(
         n_candidates=run.config.candidates(),
         batch_size=run.config.batch_size * EVALUATION_BATCH_FACTOR,
-        extraction_batch_size=EXTRACTION_BATCH_SIZE,
         seed=run.config.seed,
         precision=run.config.precision,
     )
