@@ -426,7 +426,10 @@ def load_user_data(run: Run) -> None:
     with run.stage("data") as stage:
         records = load_records(config.data)
         if not records:
-            raise InputError(f"--data {config.data} contains no records")
+            raise InputError(
+                f"--data {config.data} contains no records; give a file with at least one "
+                "record that has a 'text' field"
+            )
         train = [r for r in records if r.meta.get("split") != "heldout"]
         heldout = [r for r in records if r.meta.get("split") == "heldout"]
         if config.heldout is not None:
@@ -940,6 +943,10 @@ def write_results(results: dict[str, Any], folder: Path) -> Path:
 def read_results(folder: Path) -> dict[str, Any]:
     """Read ``folder/results.json``; raise InputError when it is missing or invalid."""
     path = Path(folder) / RESULTS_FILE
+    if not Path(folder).exists():
+        raise InputError(f"{folder} does not exist; give the --out folder of a tl-privacy run")
+    if not Path(folder).is_dir():
+        raise InputError(f"{folder} is a file; give the --out folder of a tl-privacy run")
     if not path.is_file():
         raise InputError(f"{folder} has no {RESULTS_FILE}; give a folder written by tl-privacy")
     try:

@@ -216,9 +216,19 @@ def _read_path(path: Path) -> list[Mapping[str, Any]]:
 
     # A throwaway cache folder keeps Arrow's conversion files out of the user's datasets cache;
     # keep_in_memory makes the rows outlive the folder.
-    with tempfile.TemporaryDirectory(prefix="tl_privacy_records_") as cache_dir:
-        reader = datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
-        return list(reader(str(path), cache_dir=cache_dir, keep_in_memory=True))
+    # The conversion's own progress bar is turned off, because reading a small file is quick
+    # and the bar would break the one-line output of `tl-privacy --quiet`.
+    progress_was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tl_privacy_records_") as cache_dir:
+            reader = (
+                datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
+            )
+            return list(reader(str(path), cache_dir=cache_dir, keep_in_memory=True))
+    finally:
+        if progress_was_on:
+            datasets.enable_progress_bar()
 
 
 # JSON files are parsed with the standard library, not through Arrow: Arrow would unify the
@@ -234,7 +244,8 @@ def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise InvalidRecordError(
-                    f"{str(path)!r} line {line_number} is not valid JSON: {error}"
+                    f"{str(path)!r} line {line_number} is not valid JSON: {error}; "
+                    "write one JSON object per line"
                 ) from error
     return rows
 
