@@ -48,7 +48,7 @@ def write_section(name: str, title: str, body: str, doc: Path = DOC) -> Path:
     """Replace (or append) section ``name`` of ``doc`` with ``title`` and ``body``.
 
     The section starts with the command line, the date and the machine, so every
-    table in the file says how it was made.
+    table in the file records how it was made.
     """
     if not re.fullmatch(r"[a-z0-9_-]+", name):
         raise ValueError(

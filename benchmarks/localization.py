@@ -291,8 +291,8 @@ def baseline_selections(
 
 
 def _objective_data(run: Run) -> list:
-    """The batches of the objective-based methods: the records plus the keep-only batches of
-    the shipped essays, as the demo gives them (``RunConfig.keep_text``)."""
+    """Return the batches of the objective-based methods: the records plus the keep-only
+    batches of the shipped essays, as the demo gives them (``RunConfig.keep_text``)."""
     return [*run.batches, *run.keep_batches]
 
 

@@ -416,7 +416,7 @@ def extraction_scores(
 def score_decoded(tokenizer: Any, item: PIIItem, tokens: Int[Tensor, " new_pos"]) -> ItemExtraction:
     """Compare the greedy ``tokens`` decoded for ``item`` with its PII, as strings.
 
-    Both token lists are decoded and stripped of surrounding whitespace; the item is exact
+    Both token lists are decoded and stripped of surrounding whitespace. The item is exact
     when the strings are equal, so a different tokenization of the same string counts.
     """
     target = _decode(tokenizer, item.target_ids)

@@ -57,6 +57,7 @@ from tl_privacy.data.tokenization import (
     pii_items,
     type_names_for,
 )
+from tl_privacy.extraction import _cache_kwarg_renamed, greedy_decode
 from tl_privacy.hooks import attached, model_logits
 
 logger = logging.getLogger("tl_privacy")
@@ -1183,10 +1184,11 @@ class _GreedyDecoder:
     While the greedy tokens equal the PII tokens, their next-token logits are the record's
     own (teacher-forced) logits, so an item needs forward passes only after its first wrong
     token. With a KV cache that takes tree queries (``cache`` not None), each pass then runs
-    one query per unfinished item: its last greedy token, at the position it would have
-    after the prefix, seeing the record's columns up to the wrong token and its own earlier
-    queries (the tree mask of :class:`_CachedRunner`). Decoding ``n`` items costs at most
-    ``max PII length - 1`` small passes instead of ``n`` prefix passes plus their steps.
+    one query per unfinished item. The query is the item's last greedy token at the position
+    it would have after the prefix. It attends to the record's columns up to the wrong token
+    and to the item's earlier queries (the tree mask of :class:`_CachedRunner`). Decoding
+    ``n`` items costs at most ``max PII length - 1`` small passes instead of ``n`` prefix
+    passes plus their steps.
     Without such a cache, the unfinished items continue with
     :func:`tl_privacy.extraction.greedy_decode` from the prefix, the agreed PII tokens and
     the first wrong one. Either way the tokens are those ``greedy_decode`` gives from each
@@ -1262,8 +1264,6 @@ class _GreedyDecoder:
         return {index: self._cut(generated[index]) for index in item_indices}
 
     def _continue_uncached(self, generated: dict[int, list[int]], unfinished: list[int]) -> None:
-        from tl_privacy.extraction import greedy_decode
-
         if not unfinished:
             return
         prefixes, limits = [], []
@@ -1429,33 +1429,6 @@ def _quiet_cache_deprecation() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
         yield
-
-
-@contextmanager
-def _cache_kwarg_renamed(model: Any) -> Iterator[None]:
-    """Hand each attention component the KV cache under the name it reads.
-
-    NOTE: transformers 5.x passes the cache to attention modules as ``cache=`` (the name
-    ``past_key_values`` is deprecated), but the attention bridges of transformer-lens 4.3.0
-    read only ``past_key_values=``, so without this renaming the cache stays empty and cached
-    tokens are invisible. ``tl_privacy.extraction`` works around the same mismatch.
-    """
-
-    def rename(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if "cache" not in kwargs or "past_key_values" in kwargs:
-            return None
-        return args, {**kwargs, "past_key_values": kwargs["cache"]}
-
-    handles = [
-        block.attn.register_forward_pre_hook(rename, with_kwargs=True)
-        for block in getattr(model, "blocks", [])
-        if isinstance(getattr(block, "attn", None), torch.nn.Module)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---- small helpers ----

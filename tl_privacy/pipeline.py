@@ -106,7 +106,7 @@ class RunConfig:
         batch_size: records per batch in localization (evaluation runs twice as many).
         keep_text: add the essays of :func:`tl_privacy.data.keep_text` to the localization
             batches as keep-only batches (``demo`` and ``localize``). Without them the keep
-            term sees only the records, whose text a memorizing model predicts from memory,
+            term reads only the records, whose text a memorizing model predicts from memory,
             and on SmolLM2 the 1% set raised general-text perplexity by 45%.
         precision: ``"auto"``, ``"bfloat16"`` or ``"float32"``: the autocast of
             localization, baselines and evaluation (see
