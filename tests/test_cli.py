@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,6 +143,55 @@ def test_report_without_results(tmp_path, capsys):
     assert "no results.json" in err
 
 
+def test_invalid_record_error_hides_pii(tmp_path, capsys):
+    # Names are not matched by the redactor's patterns, so only the message itself can hide them.
+    path = tmp_path / "records.jsonl"
+    text = "Please call Hiroshi Tanabe back today."
+    row = {
+        "id": "t1",
+        "text": text,
+        "spans": [{"start": 12, "end": 24, "type": "name", "pii": "Hiroshi Tanabe"}],
+    }
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+
+    code, _, err = run_cli(
+        ["localize", "--model", "tiny", "--data", path, "--out", tmp_path / "out"], capsys
+    )
+
+    assert code == 2
+    assert "record 0 (id 't1'): span 0 (12, 24, NAME)" in err
+    assert "12 characters" in err
+    assert "14 characters" in err
+    for secret in ("Hiroshi", "Tanabe", "Hiroshi Tana"):
+        assert secret not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "missing"),
+    [
+        ('{"command": "x"}', "'model', 'privacy_neurons', 'metrics'"),
+        (
+            '{"model": {}, "privacy_neurons": {"count": 1}, "metrics": {"clean": {"x": 1}}}',
+            "'model', 'metrics.ablated'",
+        ),
+        ("[]", "JSON list"),
+    ],
+)
+def test_report_incomplete_results(content, missing, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(content, encoding="utf-8")
+
+    code, _, err = run_cli(["report", tmp_path], capsys)
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(tmp_path / "results.json") in lines[0]
+    assert missing in lines[0]
+    assert "tl-privacy demo" in lines[0]
+    assert "tl-privacy evaluate" in lines[0]
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_missing_command_exits_2(capsys):
     code, _, err = run_cli([], capsys)
     assert code == 2
@@ -187,6 +237,13 @@ def test_localize_writes_neurons(localized):
     assert neurons.count <= round(0.01 * 2 * 512)
 
 
+def test_localize_stores_fingerprint(localized):
+    fingerprint = PrivacyNeurons.load(localized / "neurons").model_fingerprint
+    assert fingerprint is not None
+    assert len(fingerprint) == 64
+    int(fingerprint, 16)
+
+
 def test_localize_results(localized):
     results = json.loads((localized / "results.json").read_text(encoding="utf-8"))
     neurons = PrivacyNeurons.load(localized / "neurons")
@@ -210,6 +267,8 @@ def test_evaluate_saved_neurons(localized, tmp_path, capsys):
         capsys,
     )  # fmt: skip
     assert code == 0, err
+    # The tiny model memorizes the same records the same way, so the weights match.
+    assert "other weights" not in err
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     for entry in ("clean", "ablated"):
         for key in HEADLINE:
@@ -222,6 +281,66 @@ def test_evaluate_saved_neurons(localized, tmp_path, capsys):
     assert targets and targets <= pii
 
 
+def test_evaluate_heldout_exposure(localized, tmp_path, capsys):
+    text = "Support ticket 4501: Lena Marsh asked for a callback at (313) 555-0177."
+    record = {
+        "text": text,
+        "spans": [
+            {"start": 21, "end": 31, "type": "NAME"},
+            {"start": 56, "end": 70, "type": "PHONE"},
+        ],
+    }
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+    out = tmp_path / "evaluation"
+    code, _, err = run_cli(
+        [
+            "evaluate", "--model", "tiny", "--data", FIXTURE, "--heldout", heldout,
+            "--neurons", localized / "neurons", "--out", out, "--candidates", "5",
+            "--heldout-exposure", "-q",
+        ],
+        capsys,
+    )  # fmt: skip
+
+    assert code == 0, err
+    metrics = json.loads((out / "results.json").read_text(encoding="utf-8"))["metrics"]
+    # Measured on the clean model only: it is what the context gives away, not memory.
+    assert 0.0 <= metrics["clean"]["heldout_exposure_mean"] <= math.log2(6) + 1e-9
+    assert metrics["ablated"]["heldout_exposure_mean"] is None
+    assert "Held-out exposure" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_evaluate_other_weights_warns(localized, tmp_path, capsys):
+    import shutil
+
+    # A set found on other weights of the same shape: evaluated, with one warning.
+    neurons = tmp_path / "neurons"
+    shutil.copytree(localized / "neurons", neurons)
+    config_path = neurons / "config.json"
+    meta = json.loads(config_path.read_text(encoding="utf-8"))
+    # Ten digits in a row: the message must still show the fingerprint, not [PHONE].
+    meta["model_fingerprint"] = "0123456789" + "0" * 54
+    config_path.write_text(json.dumps(meta), encoding="utf-8")
+
+    out = tmp_path / "evaluation"
+    code, _, err = run_cli(
+        [
+            "evaluate", "--model", "tiny", "--data", FIXTURE, "--neurons", neurons,
+            "--out", out, "--candidates", "0", "-q",
+        ],
+        capsys,
+    )  # fmt: skip
+
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "localized on other weights" in warnings[0]
+    assert "fingerprint 01234567)" in warnings[0]
+    assert "'tiny'" in warnings[0]
+    assert (out / "results.json").is_file()
+
+
 def test_report_rerenders(localized, tmp_path, capsys):
     import shutil
 
@@ -230,7 +349,10 @@ def test_report_rerenders(localized, tmp_path, capsys):
     (copy / "report.html").unlink()
     code, _, err = run_cli(["report", copy], capsys)
     assert code == 0, err
-    assert (copy / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    document = (copy / "report.html").read_text(encoding="utf-8")
+    assert document.startswith("<!DOCTYPE html>")
+    # A localize run measures exact extraction only, and the report names the command for the rest.
+    assert "tl-privacy evaluate --neurons" in document
 
 
 def test_logs_are_redacted(cli_cache, tmp_path, capsys):

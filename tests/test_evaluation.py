@@ -92,7 +92,9 @@ def test_extraction_of_scripted_outputs(tiny_tokenizer, synthetic_corpus):
 # ---- evaluate ----
 
 
-QUICK = EvaluationConfig(n_candidates=6, general_text_tokens=200, window=64, batch_size=4)
+QUICK = EvaluationConfig(
+    n_candidates=6, general_text_tokens=200, window=64, batch_size=4, heldout_exposure=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +162,7 @@ def test_evaluate_without_heldout_or_exposure(tiny_model, tiny_tokenizer, synthe
 
     assert values["perplexity_heldout"] is None
     assert values["heldout_extraction_exact"] is None
+    assert values["heldout_exposure_mean"] is None
     assert values["exposure_mean"] is None
     assert values["mrr"] is None
     assert all(row["rank"] is None for row in values["items"])
@@ -182,6 +185,25 @@ def test_evaluate_on_memorized_model(memorized_result):
     # A memorized PII ranks first among 20 candidates: exposure log2(21) = 4.39 bits.
     assert result.exposure_mean > 3.5
     assert result.mrr > 0.8
+
+
+def test_heldout_exposure_is_opt_in(memorized_tiny, memorized_result):
+    model, corpus, _ = memorized_tiny
+    config = EvaluationConfig(
+        n_candidates=20,
+        general_text_tokens=200,
+        window=64,
+        extraction="teacher_forced",
+        heldout_exposure=True,
+    )
+    result = evaluate(model, model.tokenizer, corpus.train, corpus.heldout, config=config)
+
+    assert memorized_result.heldout_exposure_mean is None
+    # The same candidates, so the training items' exposure is unchanged by the option.
+    assert result.exposure_mean == pytest.approx(memorized_result.exposure_mean)
+    # PII the model never saw ranks lower than memorized PII.
+    assert result.heldout_exposure_mean is not None
+    assert 0.0 <= result.heldout_exposure_mean < result.exposure_mean - 1.0
 
 
 def test_teacher_forced_extraction_agrees(memorized_tiny, memorized_result):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from tests._memorized import make_tiny_model
 from tl_privacy import IncompatibleNeuronsError, PrivacyNeurons
+from tl_privacy.models import model_fingerprint
+from tl_privacy.neurons import FINGERPRINT_DIGITS, union
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +148,79 @@ def test_save_replaces_whole_folder(tmp_path):
 
     assert PrivacyNeurons.load(target).count == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+# ---- model fingerprint ----
+
+
+def test_fingerprint_round_trip(tmp_path, model):
+    fingerprint = model_fingerprint(model)
+    neurons = PrivacyNeurons.from_scores(
+        random_scores(), 4, method="random", model_name="tiny", model_fingerprint=fingerprint
+    )
+
+    neurons.save(tmp_path / "set")
+
+    meta = json.loads((tmp_path / "set" / "config.json").read_text())
+    assert meta["model_fingerprint"] == fingerprint
+    assert PrivacyNeurons.load(tmp_path / "set").model_fingerprint == fingerprint
+    assert neurons.top_k(2).model_fingerprint == fingerprint
+
+
+def test_load_without_fingerprint(tmp_path, model):
+    # A set saved before the field existed: same format version, no "model_fingerprint".
+    PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(tmp_path / "set")
+    config_path = tmp_path / "set" / "config.json"
+    meta = json.loads(config_path.read_text())
+    del meta["model_fingerprint"]
+    config_path.write_text(json.dumps(meta))
+
+    loaded = PrivacyNeurons.load(tmp_path / "set", model=model)
+
+    assert loaded.model_fingerprint is None
+    assert loaded.count == 4
+    assert loaded.warn_if_other_weights(model) is False
+
+
+def test_same_weights_no_warning(model, caplog):
+    neurons = PrivacyNeurons.from_scores(
+        random_scores(), 4, method="random", model_fingerprint=model_fingerprint(model)
+    )
+
+    with caplog.at_level(logging.INFO, logger="tl_privacy"):
+        assert neurons.warn_if_other_weights(model) is False
+
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_other_weights_warn(tmp_path, model, caplog):
+    # Same shape, other seed: the set is accepted, with one warning naming both models.
+    other = make_tiny_model(d_mlp=64, seed=1)
+    found_on = model_fingerprint(model)
+    PrivacyNeurons.from_scores(
+        random_scores(), 4, method="random", model_name="base-a", model_fingerprint=found_on
+    ).save(tmp_path / "set")
+    loaded = PrivacyNeurons.load(tmp_path / "set", model=other)
+
+    with caplog.at_level(logging.INFO, logger="tl_privacy"):
+        warned = loaded.warn_if_other_weights(other, "tuned-b", tmp_path / "set")
+
+    assert warned is True
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0]
+    assert "localized on other weights" in message
+    assert "'base-a'" in message
+    assert "'tuned-b'" in message
+    assert found_on[:FINGERPRINT_DIGITS] in message
+    assert model_fingerprint(other)[:FINGERPRINT_DIGITS] in message
+    assert str(tmp_path / "set") in message
+
+
+def test_union_keeps_shared_fingerprint():
+    a = PrivacyNeurons.from_scores(random_scores(0), 3, method="random", model_fingerprint="f1")
+    b = PrivacyNeurons.from_scores(random_scores(1), 3, method="random", model_fingerprint="f1")
+    c = PrivacyNeurons.from_scores(random_scores(2), 3, method="random", model_fingerprint="f2")
+
+    assert union([a, b]).model_fingerprint == "f1"
+    assert union([a, c]).model_fingerprint is None

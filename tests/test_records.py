@@ -101,6 +101,51 @@ def test_lower_case_type_accepted():
     assert records[0].spans == (PIISpan(5, 17, "PHONE"),)
 
 
+@pytest.mark.parametrize("given", ["email", "Email", "EMAIL"])
+def test_type_case_normalized(given):
+    assert PIISpan(0, 4, given).type == "EMAIL"
+    assert PIIRecord("a@b.example", (PIISpan(0, 11, given),)).spans[0].type == "EMAIL"
+
+
+def test_type_case_one_type_across_records(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"text": "Mail a@example.com", "spans": [{"start": 5, "end": 18, "type": "email"}]},
+        {"text": "Mail b@example.org", "spans": [{"start": 5, "end": 18, "type": "EMAIL"}]},
+        {"text": "Badge 7741-22", "spans": [{"start": 6, "end": 13, "type": "badge_Id"}]},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    records = load_records(path)
+
+    assert {span.type for record in records for span in record.spans} == {"EMAIL", "BADGE_ID"}
+
+
+def test_pii_strings_type_filter_case():
+    record = load_records(ROWS)[0]
+
+    assert record.pii_strings(["email"]) == ("dana.whitfield@example.com",)
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("", "span type is empty"),
+        ("first name", "'first name' is not an identifier"),
+        ("2FA", "'2FA' is not an identifier"),
+        ("e-mail", "'e-mail' is not an identifier"),
+        ("stra\u00dfe", "is not an identifier"),
+        (7, "span type must be a string"),
+    ],
+)
+def test_invalid_type_rejected(given, problem):
+    with pytest.raises(InvalidRecordError, match=problem):
+        PIISpan(0, 4, given)
+    with pytest.raises(InvalidRecordError, match=problem) as caught:
+        load_records(bad_rows(spans=[{"start": 5, "end": 13, "type": given}]))
+    assert "record 1 (id 'bad'): span 0" in str(caught.value)
+
+
 def test_user_type_accepted():
     records = load_records(
         [{"text": "Badge 7741-22", "spans": [{"start": 6, "end": 13, "type": "BADGE_ID"}]}]
@@ -185,7 +230,7 @@ def bad_rows(**changes) -> list[dict]:
         ),
         (
             {"spans": [{"start": 5, "end": 13, "type": "NAME", "pii": "Jane Roe"}]},
-            "'Jane Doe'.*'Jane Roe'",
+            r"span 0 \(5, 13, NAME\) covers 8 characters that differ from its 'pii' string of 8",
         ),
         ({"text": ""}, "text is empty"),
         ({"text": "   \n"}, "text is empty"),
@@ -195,7 +240,7 @@ def bad_rows(**changes) -> list[dict]:
             "unknown field.*'label'.*start, end, type, pii",
         ),
         ({"spans": [{"start": 5, "end": 13}]}, "missing type"),
-        ({"spans": [{"start": 5, "end": 13, "type": "first name"}]}, "upper-case identifier"),
+        ({"spans": [{"start": 5, "end": 13, "type": "first name"}]}, "not an identifier"),
         ({"spans": [{"start": "5", "end": 13, "type": "NAME"}]}, "must be an int"),
         ({"spans": "not json"}, "not a valid JSON list"),
         ({"meta": [1, 2]}, "'meta' must be an object"),
@@ -285,11 +330,89 @@ def test_dataset_dict_needs_split():
 def test_direct_construction_validates():
     with pytest.raises(InvalidRecordError, match=r"record \(id 'x'\): span 0 .*out of range"):
         PIIRecord("short", (PIISpan(0, 10, "NAME"),), "x")
-    with pytest.raises(InvalidRecordError, match="upper-case identifier"):
-        PIISpan(0, 1, "name")
+    with pytest.raises(InvalidRecordError, match="not an identifier"):
+        PIISpan(0, 1, "first name")
 
 
 def test_span_text_helper():
     span = PIISpan(5, 13, "NAME")
 
     assert span.text("Call Jane Doe today.") == "Jane Doe"
+
+
+# --- no PII in error messages ---------------------------------------------------------------
+
+SECRET_NAME = "Jane Doe"
+SECRET_EMAIL = "jane.doe@example.com"
+SECRET_TEXT = f"Call {SECRET_NAME} or mail {SECRET_EMAIL} today."
+
+# Records whose errors concern a span, each with the PII values the message must not contain.
+LEAKY_ROWS = {
+    "pii differs from the span": (
+        {
+            "text": SECRET_TEXT,
+            "spans": [{"start": 5, "end": 13, "type": "NAME", "pii": "Jane Roe"}],
+        },
+        ("Jane Doe", "Jane Roe"),
+    ),
+    "pii string with other offsets": (
+        {
+            "text": SECRET_TEXT,
+            "spans": [{"start": 22, "end": 30, "type": "EMAIL", "pii": SECRET_EMAIL}],
+        },
+        (SECRET_EMAIL, SECRET_TEXT[22:30]),
+    ),
+    "span covers only whitespace": (
+        {
+            "text": f"{SECRET_NAME}   {SECRET_EMAIL}",
+            "spans": [{"start": 8, "end": 11, "type": "NAME"}],
+        },
+        (SECRET_NAME, SECRET_EMAIL),
+    ),
+    "span is a string": ({"text": SECRET_TEXT, "spans": [SECRET_EMAIL]}, (SECRET_EMAIL,)),
+    "start is a string": (
+        {"text": SECRET_TEXT, "spans": [{"start": SECRET_NAME, "end": 13, "type": "NAME"}]},
+        (SECRET_NAME,),
+    ),
+    "overlapping spans": (
+        {
+            "text": SECRET_TEXT,
+            "spans": [
+                {"start": 5, "end": 13, "type": "NAME", "pii": SECRET_NAME},
+                {"start": 10, "end": 40, "type": "EMAIL"},
+            ],
+        },
+        (SECRET_NAME, SECRET_TEXT[10:40]),
+    ),
+    "span out of range": (
+        {"text": SECRET_TEXT, "spans": [{"start": 22, "end": 99, "type": "EMAIL"}]},
+        (SECRET_TEXT[22:],),
+    ),
+    "pii is not a string": (
+        {"text": SECRET_TEXT, "spans": [{"start": 5, "end": 13, "type": "NAME", "pii": 5550143}]},
+        ("5550143", SECRET_NAME),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LEAKY_ROWS))
+def test_error_message_hides_pii(case, tmp_path):
+    row, secrets = LEAKY_ROWS[case]
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"id": "r7", **row}) + "\n", encoding="utf-8")
+
+    for source in ([row], path):
+        with pytest.raises(InvalidRecordError) as caught:
+            load_records(source)
+        message = str(caught.value)
+        assert message.startswith("record 0"), message
+        for secret in secrets:
+            assert secret not in message, f"{case}: message contains {secret!r}: {message}"
+
+
+def test_direct_construction_hides_pii():
+    with pytest.raises(InvalidRecordError) as caught:
+        PIIRecord(f"{SECRET_NAME}   x", (PIISpan(8, 11, "NAME"), PIISpan(0, 8, "NAME")))
+    message = str(caught.value)
+    assert "span 0 (8, 11, NAME) covers only whitespace" in message
+    assert SECRET_NAME not in message

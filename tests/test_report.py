@@ -12,7 +12,14 @@ import torch
 from tl_privacy.data.records import PIIRecord, PIISpan
 from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.redact import RedactingFilter, Redactor
-from tl_privacy.report import plot_heatmap, plot_neurons_per_layer, render_report, write_report
+from tl_privacy.report import (
+    REQUIRED_ENTRIES,
+    missing_entries,
+    plot_heatmap,
+    plot_neurons_per_layer,
+    render_report,
+    write_report,
+)
 from tl_privacy.visualize import (
     NeuronActivations,
     circuitsvis_bundle,
@@ -171,6 +178,43 @@ def test_report_tolerates_partial_results():
     document = render_report({"model": {"name": "m", "n_layers": 1, "d_mlp": 4}})
     assert "<h1>tl-privacy report</h1>" in document
     assert "<img" not in document
+
+
+@pytest.mark.parametrize(
+    ("results", "missing"),
+    [
+        ({"command": "x"}, ["model", "privacy_neurons", "metrics"]),
+        ({"model": {"name": "m"}, "privacy_neurons": {"count": 1}, "metrics": {}}, ["metrics"]),
+        (
+            {"model": {"name": "m"}, "privacy_neurons": {"count": 1}, "metrics": {"clean": {}}},
+            ["metrics.clean", "metrics.ablated"],
+        ),
+        ({"model": "m", "privacy_neurons": {"count": 1}, "metrics": []}, ["model", "metrics"]),
+    ],
+)
+def test_missing_entries_listed(results, missing):
+    assert missing_entries(results) == missing
+
+
+def test_missing_entries_none_for_full_results():
+    assert missing_entries(sample_results()) == []
+    assert set(REQUIRED_ENTRIES) >= {"model", "metrics.clean", "metrics.ablated"}
+
+
+def test_localize_report_explains_scope():
+    results = {
+        "command": "localize",
+        "model": {"name": "m", "n_layers": 2, "d_mlp": 8},
+        "privacy_neurons": {"count": 2, "fraction": 0.125, "by_layer": [1, 1]},
+        "metrics": {"clean": {"extraction_exact": 1.0}, "ablated": {"extraction_exact": 0.25}},
+    }
+
+    document = render_report(results)
+
+    assert "25.0%" in document
+    assert "tl-privacy evaluate --neurons" in document
+    assert "Exposure:" not in document
+    assert "Exposure:" in render_report(sample_results())
 
 
 def test_write_report_creates_file(tmp_path):

@@ -42,6 +42,7 @@ from tl_privacy.localization import (
     frozen,
     restrict_to_types,
 )
+from tl_privacy.models import model_fingerprint
 from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.objectives import (
     KeepLossForm,
@@ -194,6 +195,7 @@ def select(
         pii_types=config.pii_types or config.type_names,
         config={**asdict(config), "seed": seed},
         stats=stats,
+        model_fingerprint=model_fingerprint(model),
     )
 
 

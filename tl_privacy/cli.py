@@ -243,6 +243,13 @@ def _add_candidates_argument(parser: argparse.ArgumentParser) -> None:
         help="same-format candidate strings per PII item for exposure and MRR; 0 skips both "
         f"(default: {FALLBACK_CANDIDATES}; {defaults})",
     )
+    parser.add_argument(
+        "--heldout-exposure",
+        action="store_true",
+        help="also measure the clean model's exposure of the held-out PII, which it never saw: "
+        "the exposure that the context alone gives away, below which ablation cannot go "
+        "(costs about one more exposure pass)",
+    )
 
 
 def _add_localization_arguments(parser: argparse.ArgumentParser) -> None:
@@ -341,6 +348,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
     if args.command in ("demo", "evaluate"):
         config.n_candidates = args.candidates
+        config.heldout_exposure = args.heldout_exposure
     if args.command == "demo":
         config.n_people = args.people
         config.specificity = not args.no_specificity

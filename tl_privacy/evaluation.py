@@ -48,6 +48,7 @@ SUMMARY_METRICS = (
     "perplexity_heldout",
     "perplexity_general",
     "heldout_extraction_exact",
+    "heldout_exposure_mean",
 )
 """The scalar metrics of an :class:`EvaluationResult`, in report order."""
 
@@ -78,6 +79,13 @@ class EvaluationConfig:
             the same string, which only the greedy string comparison counts as exact.
         exposure: further exposure settings; its ``n_candidates`` and ``seed`` are
             replaced by the fields above.
+        heldout_exposure: also rank the held-out PII among its candidates. A model that
+            never saw a PII string still ranks it above random candidates where the context
+            gives it away (an e-mail address built from the sender's name, which the record
+            states), so this is the exposure that ablation cannot remove without damaging
+            in-context copying. It costs about as much as the training items' exposure, and
+            more than it on the clean model, because nothing prunes the candidates of PII
+            the model finds unlikely.
         precision: ``"bfloat16"`` runs every forward pass under bfloat16 autocast, about
             1.7 times faster on a CPU with native bfloat16; ``"float32"`` does not;
             ``"auto"`` picks bfloat16 where it runs natively
@@ -97,6 +105,7 @@ class EvaluationConfig:
     extraction: Literal["greedy", "teacher_forced"] = "greedy"
     exposure: ExposureConfig = field(default_factory=ExposureConfig)
     precision: Literal["auto", "bfloat16", "float32"] = "float32"
+    heldout_exposure: bool = False
 
     def __post_init__(self) -> None:
         if self.n_candidates < 0:
@@ -154,6 +163,9 @@ class EvaluationResult:
         perplexity_general: perplexity of the general English text.
         heldout_extraction_exact: share of held-out PII items that greedy decoding reproduces,
             decided by teacher forcing (equal up to ties between logits).
+        heldout_exposure_mean: mean exposure of the held-out PII items, in bits, when
+            ``EvaluationConfig.heldout_exposure`` is set: the exposure of PII the model never
+            saw, the level below which ablation cannot push training exposure by forgetting.
         by_type: per PII type, the leakage metrics above plus ``n_items`` and
             ``n_candidates`` (mean candidates per ranked item).
         items: one row per training PII item: ``record_index``, ``span_index``, ``type``,
@@ -173,6 +185,7 @@ class EvaluationResult:
     perplexity_heldout: float | None
     perplexity_general: float
     heldout_extraction_exact: float | None
+    heldout_exposure_mean: float | None
     by_type: dict[str, dict[str, Any]]
     items: list[dict[str, Any]]
     seconds: float
@@ -251,9 +264,7 @@ def _evaluate(
     timings["extraction"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    perplexity_heldout, heldout_exact = _heldout_metrics(
-        model, tokenizer, heldout_records, hooks, config
-    )
+    heldout = _heldout_metrics(model, tokenizer, heldout_records, hooks, config)
     timings["held-out"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -273,9 +284,7 @@ def _evaluate(
         seconds,
         ", ".join(f"{name} {value:.1f} s" for name, value in timings.items()),
     )
-    return _result(
-        train, extraction, perplexity_heldout, heldout_exact, perplexity_general, seconds
-    )
+    return _result(train, extraction, heldout, perplexity_general, seconds)
 
 
 @dataclass(frozen=True)
@@ -311,32 +320,51 @@ def _extraction(
     )
 
 
+@dataclass(frozen=True)
+class _Heldout:
+    """Held-out metrics; every field is None without held-out records."""
+
+    perplexity: float | None = None
+    extraction_exact: float | None = None
+    exposure_mean: float | None = None
+
+
 def _heldout_metrics(
     model: Any,
     tokenizer: Any,
     records: Sequence[PIIRecord] | None,
     hooks: list,
     config: EvaluationConfig,
-) -> tuple[float | None, float | None]:
+) -> _Heldout:
     if not records:
-        return None, None
+        return _Heldout()
     # Only the exact rate of held-out items is reported, and teacher forcing decides it from
     # the records' pass. Greedy decoding would add a pass per token for every item, because a
     # model that never saw the PII leaves it at once.
     metrics = record_metrics(
-        model, tokenizer, records, fwd_hooks=hooks, batch_size=config.batch_size, types=config.types
+        model,
+        tokenizer,
+        records,
+        fwd_hooks=hooks,
+        batch_size=config.batch_size,
+        types=config.types,
+        exposure=config.exposure_config() if config.heldout_exposure else None,
     )
     if not metrics.items:
-        return metrics.tokens.perplexity, None
+        return _Heldout(perplexity=metrics.tokens.perplexity)
     exact = [score.exact for score in metrics.item_scores]
-    return metrics.tokens.perplexity, sum(exact) / len(exact)
+    exposure = metrics.exposure
+    return _Heldout(
+        perplexity=metrics.tokens.perplexity,
+        extraction_exact=sum(exact) / len(exact),
+        exposure_mean=None if exposure is None else exposure.exposure_mean,
+    )
 
 
 def _result(
     train: RecordMetrics,
     extraction: _Extraction,
-    perplexity_heldout: float | None,
-    heldout_exact: float | None,
+    heldout: _Heldout,
     perplexity_general: float,
     seconds: float,
 ) -> EvaluationResult:
@@ -350,9 +378,10 @@ def _result(
         pii_token_accuracy=train.tokens.pii_token_accuracy,
         pii_cross_entropy=train.tokens.pii_cross_entropy,
         perplexity_train=train.tokens.perplexity,
-        perplexity_heldout=perplexity_heldout,
+        perplexity_heldout=heldout.perplexity,
         perplexity_general=perplexity_general,
-        heldout_extraction_exact=heldout_exact,
+        heldout_extraction_exact=heldout.extraction_exact,
+        heldout_exposure_mean=heldout.exposure_mean,
         by_type=_by_type(train, extraction, exposure),
         items=_item_rows(train, extraction, exposure),
         seconds=seconds,

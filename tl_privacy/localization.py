@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from tl_privacy.hooks import attached, check_model, model_logits
 from tl_privacy.masks import HardConcreteMask
+from tl_privacy.models import model_fingerprint
 from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.objectives import (
     KeepLossForm,
@@ -535,13 +536,15 @@ def localize(
 
     Returns:
         The neurons whose gates closed, with ``scores = -log_alpha``, the gate
-        values, the settings and ``stats`` (wall time, passes, the loss history).
+        values, the settings, ``stats`` (wall time, passes, the loss history) and the
+        fingerprint of the model's weights.
         The model's parameters, their ``requires_grad`` and its train/eval mode are
         as they were before the call, and no hook stays attached.
     """
     neurons = Localizer(model, config).run(batches)
     if model_name is not None:
         neurons.model_name = model_name
+    neurons.model_fingerprint = model_fingerprint(model)
     return neurons
 
 

@@ -145,7 +145,8 @@ class HardConcreteMask(HookedRootModule):
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
     def deterministic_gates(self) -> Float[Tensor, "n_layers d_mlp"]:
-        """Gates used at evaluation: ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+        """Gates used at evaluation:
+        ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``."""
         return _deterministic(self.log_alpha)
 
     def gate(self, layer: int) -> Float[Tensor, d_mlp]:

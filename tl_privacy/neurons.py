@@ -3,12 +3,14 @@
 ``PrivacyNeurons`` is what every localization method returns, the learned masks
 and the baselines alike, so ablation, evaluation and reports treat them the same.
 It is stored as a folder with ``neurons.safetensors`` (tensors) and
-``config.json`` (shape, hook, method and settings); no pickle is involved.
+``config.json`` (shape, hook, method, settings and the weights fingerprint of the model it
+was localized on); no pickle is involved.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,7 +35,14 @@ from tl_privacy.hooks import (
     mlp_post_name,
 )
 
+logger = logging.getLogger("tl_privacy")
+
+# Sets saved without "model_fingerprint" in config.json are still version 1 and load with
+# model_fingerprint=None.
 FORMAT_VERSION = 1
+# Hex digits of a fingerprint shown in messages. Fewer than 10, because the log redactor
+# reads a run of 10 or more digits as a phone number and would hide the fingerprint.
+FINGERPRINT_DIGITS = 8
 TENSORS_FILE = "neurons.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -56,6 +65,10 @@ class PrivacyNeurons:
         pii_types: the PII types the localization targeted.
         config: the method's settings, stored with the set.
         stats: wall time, model passes and other measurements of the run.
+        hook_name: the hook point the mask applies to, with ``{layer}`` for the layer index.
+        model_fingerprint: ``tl_privacy.models.model_fingerprint`` of the weights the set was
+            found on, or None when unknown (sets saved before the field existed and sets
+            returned by ``localize()`` in Python).
     """
 
     mask: Bool[Tensor, "n_layers d_mlp"]
@@ -67,6 +80,8 @@ class PrivacyNeurons:
     config: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     hook_name: str = MLP_POST
+    # Last, so that positional construction from before the field existed still works.
+    model_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:
@@ -125,6 +140,7 @@ class PrivacyNeurons:
             gates=self.gates,
             method=self.method,
             model_name=self.model_name,
+            model_fingerprint=self.model_fingerprint,
             pii_types=self.pii_types,
             config=dict(self.config),
             stats=dict(self.stats),
@@ -181,6 +197,54 @@ class PrivacyNeurons:
                 f"n_layers={n_layers}, d_mlp={d_mlp}. Use the set with the model it was "
                 "localized on."
             )
+
+    def warn_if_other_weights(
+        self,
+        model: Any,
+        model_name: str | None = None,
+        source: str | os.PathLike | None = None,
+    ) -> bool:
+        """Log a warning when ``model``'s weights differ from those the set was localized on.
+
+        A different fingerprint is not an error: evaluating a set found on a fine-tuned
+        checkpoint on its base model is a legitimate experiment. A set without a stored
+        fingerprint is not checked, and an info line is logged. Hashing reads every parameter
+        of ``model`` once (see ``tl_privacy.models.model_fingerprint``).
+
+        Args:
+            model: the model the set is about to be used with.
+            model_name: its name for the message; defaults to ``tl_privacy.models.model_id``.
+            source: where the set was loaded from, for the message.
+
+        Returns:
+            True when the fingerprints differ and the warning was logged.
+        """
+        from tl_privacy.models import model_fingerprint, model_id
+
+        where = "this neuron set" if source is None else f"the neuron set {str(source)!r}"
+        if self.model_fingerprint is None:
+            logger.info(
+                "%s stores no model fingerprint, so it is not checked against the weights of "
+                "the model",
+                where,
+            )
+            return False
+
+        fingerprint = model_fingerprint(model)
+        if fingerprint == self.model_fingerprint:
+            return False
+        name = model_name if model_name is not None else model_id(model)
+        logger.warning(
+            "%s was localized on other weights: model %r (fingerprint %s) when it was found, "
+            "model %r (fingerprint %s) now. Its neurons may not hold this model's PII; use the "
+            "model it was localized on unless you mean to compare two checkpoints",
+            where,
+            self.model_name,
+            self.model_fingerprint[:FINGERPRINT_DIGITS],
+            name,
+            fingerprint[:FINGERPRINT_DIGITS],
+        )
+        return True
 
     # ---- ablation ----
 
@@ -267,6 +331,7 @@ class PrivacyNeurons:
         return {
             "format_version": FORMAT_VERSION,
             "model_name": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
             "n_layers": self.n_layers,
             "d_mlp": self.d_mlp,
             "hook_name": self.hook_name,
@@ -310,6 +375,7 @@ class PrivacyNeurons:
             gates=tensors.get("gates"),
             method=meta["method"],
             model_name=meta.get("model_name"),
+            model_fingerprint=meta.get("model_fingerprint"),
             pii_types=tuple(meta.get("pii_types", ())),
             config=meta.get("config", {}),
             stats=meta.get("stats", {}),
@@ -394,7 +460,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def union(sets: Sequence[PrivacyNeurons], method: str = "union") -> PrivacyNeurons:
-    """Combine several sets of the same shape into their union."""
+    """Combine several sets of the same shape into their union.
+
+    The union keeps the model fingerprint only when every set has the same one.
+    """
     if not sets:
         raise ValueError("union needs at least one neuron set.")
     mask = sets[0].mask.clone()
@@ -403,4 +472,11 @@ def union(sets: Sequence[PrivacyNeurons], method: str = "union") -> PrivacyNeuro
             raise IncompatibleNeuronsError("union needs sets of the same shape.")
         mask |= other.mask
     types = tuple(dict.fromkeys(t for s in sets for t in s.pii_types))
-    return PrivacyNeurons(mask=mask, method=method, model_name=sets[0].model_name, pii_types=types)
+    fingerprints = {s.model_fingerprint for s in sets}
+    return PrivacyNeurons(
+        mask=mask,
+        method=method,
+        model_name=sets[0].model_name,
+        model_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
+        pii_types=types,
+    )

@@ -108,6 +108,8 @@ class RunConfig:
             batches as keep-only batches (``demo`` and ``localize``). Without them the keep
             term reads only the records, whose text a memorizing model predicts from memory,
             and on SmolLM2 the 1% set raised general-text perplexity by 45%.
+        heldout_exposure: measure the clean model's exposure of the held-out PII as well
+            (``demo``, ``evaluate``; see ``EvaluationConfig.heldout_exposure``).
         precision: ``"auto"``, ``"bfloat16"`` or ``"float32"``: the autocast of
             localization, baselines and evaluation (see
             :func:`tl_privacy.precision.resolve_precision`).
@@ -133,6 +135,7 @@ class RunConfig:
     specificity: bool = True
     batch_size: int = 8
     keep_text: bool = True
+    heldout_exposure: bool = False
     precision: str = "auto"
     device: str | None = None
     show_progress: bool = True
@@ -599,9 +602,11 @@ def localize_neurons(run: Run) -> None:
 
 
 def load_neurons(run: Run) -> None:
-    """Load the ``--neurons`` set and check it against the model."""
+    """Load the ``--neurons`` set, check its shape against the model and warn when it was
+    localized on other weights."""
     with run.stage("neurons") as stage:
         run.neurons = PrivacyNeurons.load(run.config.neurons, model=run.model)
+        run.neurons.warn_if_other_weights(run.model, run.model_name, run.config.neurons)
         stage.summary(f"{run.neurons.count} neurons from {run.config.neurons}")
     run.results["privacy_neurons"] = neuron_summary(run.neurons, None)
 
@@ -643,7 +648,9 @@ def evaluate_models(run: Run) -> None:
         evaluations = {}
         for name in progress:
             progress.set_postfix(model=name)
-            evaluations[name] = _evaluate(run, hook_sets[name])
+            # Held-out exposure shows what the context gives away; the clean model suffices.
+            heldout_exposure = run.config.heldout_exposure and name == "clean"
+            evaluations[name] = _evaluate(run, hook_sets[name], heldout_exposure)
         clean, ablated = evaluations["clean"], evaluations["ablated"]
         stage.summary(
             f"exact extraction {_percent(clean.extraction_exact)} -> "
@@ -657,16 +664,17 @@ def evaluate_models(run: Run) -> None:
     metrics["change"] = _without_none_rows(compare(clean, ablated))
 
 
-def _evaluate(run: Run, fwd_hooks: list) -> Any:
+def _evaluate(run: Run, fwd_hooks: list, heldout_exposure: bool = False) -> Any:
     from tl_privacy.evaluation import evaluate
 
+    config = dataclasses.replace(evaluation_config(run), heldout_exposure=heldout_exposure)
     return evaluate(
         run.model,
         run.tokenizer,
         run.train,
         run.heldout,
         fwd_hooks=fwd_hooks,
-        config=evaluation_config(run),
+        config=config,
     )
 
 
@@ -941,7 +949,13 @@ def write_results(results: dict[str, Any], folder: Path) -> Path:
 
 
 def read_results(folder: Path) -> dict[str, Any]:
-    """Read ``folder/results.json``; raise InputError when it is missing or invalid."""
+    """Read ``folder/results.json`` for a report.
+
+    Raises InputError when the folder or file is missing, the file is not valid JSON, or it
+    lacks an entry of ``tl_privacy.report.REQUIRED_ENTRIES``, so no empty report is written.
+    """
+    from tl_privacy.report import missing_entries
+
     path = Path(folder) / RESULTS_FILE
     if not Path(folder).exists():
         raise InputError(f"{folder} does not exist; give the --out folder of a tl-privacy run")
@@ -950,9 +964,26 @@ def read_results(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{folder} has no {RESULTS_FILE}; give a folder written by tl-privacy")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        results = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise InputError(f"{path} is not valid JSON ({error}); rerun the command") from None
+
+    rerun = (
+        f"run `tl-privacy demo --out {folder}` or `tl-privacy evaluate ... --out {folder}` "
+        f"first, which write a complete {RESULTS_FILE} and the report"
+    )
+    if not isinstance(results, dict):
+        raise InputError(
+            f"{path} contains a JSON {type(results).__name__}, not the object tl-privacy "
+            f"writes; {rerun}"
+        )
+    missing = missing_entries(results)
+    if missing:
+        raise InputError(
+            f"{path} lacks the entries {', '.join(repr(entry) for entry in missing)}, so there is "
+            f"nothing to report; {rerun}"
+        )
+    return results
 
 
 def _json_default(value: Any) -> Any:

@@ -23,6 +23,16 @@ from tl_privacy.visualize import ELEMENT, NeuronActivations, circuitsvis_bundle,
 
 REPORT_FILE = "report.html"
 
+# Entries of results.json (dotted paths to JSON objects) without which a report has no numbers
+# to show. Every run of `tl-privacy demo`, `localize` and `evaluate` writes all of them.
+REQUIRED_ENTRIES: tuple[str, ...] = (
+    "model",
+    "privacy_neurons",
+    "metrics",
+    "metrics.clean",
+    "metrics.ablated",
+)
+
 # (key in an evaluation's metrics, column header, format); percentages are fractions in 0..1.
 HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("extraction_exact", "Exact extraction", "percent"),
@@ -33,6 +43,7 @@ HEADLINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("perplexity_general", "Perplexity, general text", "float2"),
     ("perplexity_heldout", "Perplexity, held-out records", "float2"),
     ("heldout_extraction_exact", "Held-out exact extraction", "percent"),
+    ("heldout_exposure_mean", "Held-out exposure (bits)", "float2"),
 )
 
 BASELINE_LABELS = {
@@ -61,6 +72,25 @@ img.plot { max-width: 100%; height: auto; border: 1px solid #eee; }
 details pre { background: #f7f7f9; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; }
 """
+
+
+def missing_entries(results: Mapping[str, Any]) -> list[str]:
+    """Return the ``REQUIRED_ENTRIES`` that ``results`` lacks, as dotted paths.
+
+    An entry counts as missing when it is absent, is not a JSON object or is empty. Once a
+    parent is missing its children are not listed.
+    """
+    missing: list[str] = []
+    for entry in REQUIRED_ENTRIES:
+        parent, _, _ = entry.rpartition(".")
+        if parent and parent in missing:
+            continue
+        value: Any = results
+        for key in entry.split("."):
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if not isinstance(value, Mapping) or not value:
+            missing.append(entry)
+    return missing
 
 
 def write_report(results: Mapping[str, Any], folder: str | Path) -> Path:
@@ -141,7 +171,10 @@ def _headline_section(results: Mapping[str, Any]) -> str:
             (f"{BASELINE_LABELS.get(method, method)} ablated", values, counts.get(method), False)
         )
 
-    columns = [c for c in HEADLINE_COLUMNS if any(c[0] in values for _, values, _, _ in rows)]
+    # A column nobody measured (held-out exposure is opt-in) would hold only dashes.
+    columns = [
+        c for c in HEADLINE_COLUMNS if any(values.get(c[0]) is not None for _, values, _, _ in rows)
+    ]
     header = "".join(f"<th>{_escape(label)}</th>" for _, label, _ in columns)
     lines = [
         f'<table class="headline"><tr><th class="label">Model</th><th>Neurons</th>{header}</tr>'
@@ -154,6 +187,24 @@ def _headline_section(results: Mapping[str, Any]) -> str:
             f"{cells}</tr>"
         )
     lines.append("</table>")
+    return (
+        "<h2>Before and after ablation</h2>\n"
+        + "\n".join(lines)
+        + f'\n<p class="note">{_headline_note(results)}</p>'
+    )
+
+
+def _headline_note(results: Mapping[str, Any]) -> str:
+    if results.get("command") == "localize":
+        # `tl-privacy localize` measures exact extraction with one teacher-forced pass and
+        # nothing else, so the note points to the command that measures the rest.
+        return (
+            "Exact extraction: share of PII items whose every token the model predicts "
+            "(argmax) from the true preceding text, which for an exact match is the same as "
+            "greedy decoding. <code>tl-privacy localize</code> measures only this; run "
+            "<code>tl-privacy evaluate --neurons OUT/neurons</code> for exposure, MRR, "
+            "perplexity and the examples."
+        )
     explanation = (
         "Exact extraction: share of PII items that greedy decoding from the record's prefix "
         "reproduces exactly. Exposure: how far the true PII ranks above same-format "
@@ -167,11 +218,7 @@ def _headline_section(results: Mapping[str, Any]) -> str:
             f" With {candidates:g} candidates per item, exposure is at most "
             f"{math.log2(candidates + 1):.2f} bits and MRR at most 1."
         )
-    return (
-        "<h2>Before and after ablation</h2>\n"
-        + "\n".join(lines)
-        + f'\n<p class="note">{explanation}</p>'
-    )
+    return explanation
 
 
 def _by_type_section(results: Mapping[str, Any]) -> str:

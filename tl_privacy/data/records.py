@@ -22,7 +22,9 @@ RECORD_FIELDS: tuple[str, ...] = ("text", "spans", "id", "meta")
 SPAN_FIELDS: tuple[str, ...] = ("start", "end", "type", "pii")
 FILE_EXTENSIONS: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
 
-_TYPE_PATTERN = re.compile(r"[A-Z][A-Z0-9_]*")
+# A PII type is an ASCII identifier. It is matched before upper-casing, because str.upper
+# turns some non-ASCII letters into ASCII ones ("ß" becomes "SS").
+_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 class InvalidRecordError(ValueError):
@@ -33,7 +35,8 @@ class InvalidRecordError(ValueError):
 class PIISpan:
     """One PII occurrence: characters ``[start, end)`` of a record's text and its PII type.
 
-    ``type`` is one of ``PII_TYPES`` or a user-defined upper-case identifier such as ``"SSN"``.
+    ``type`` is one of ``PII_TYPES`` or a user-defined identifier such as ``"SSN"``. It is
+    stored upper-cased, so ``"email"`` and ``"EMAIL"`` are the same type.
     """
 
     start: int
@@ -45,13 +48,9 @@ class PIISpan:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidRecordError(
-                    f"span {name} must be an int code-point index, got {value!r}"
+                    f"span {name} must be an int code-point index, got {_describe(value)}"
                 )
-        if not isinstance(self.type, str) or not _TYPE_PATTERN.fullmatch(self.type):
-            raise InvalidRecordError(
-                f"span type {self.type!r} is invalid: use one of {', '.join(PII_TYPES)} "
-                "or an upper-case identifier such as 'SSN'"
-            )
+        object.__setattr__(self, "type", normalize_type(self.type))
 
     def text(self, record_text: str) -> str:
         """Return the characters of ``record_text`` that this span covers."""
@@ -84,7 +83,7 @@ class PIIRecord:
 
         A string that occurs in several spans is returned once per span.
         """
-        selected_types = None if types is None else set(types)
+        selected_types = None if types is None else {normalize_type(t) for t in types}
         return tuple(
             span.text(self.text)
             for span in self.spans
@@ -92,8 +91,34 @@ class PIIRecord:
         )
 
 
+def normalize_type(pii_type: Any) -> str:
+    """Return ``pii_type`` upper-cased; raise ``InvalidRecordError`` unless it is an identifier.
+
+    An identifier is an ASCII letter followed by ASCII letters, digits or underscores.
+    """
+    if not isinstance(pii_type, str):
+        raise InvalidRecordError(
+            f"span type must be a string such as 'EMAIL', got {type(pii_type).__name__}"
+        )
+    if not pii_type:
+        raise InvalidRecordError(
+            f"span type is empty: use one of {', '.join(PII_TYPES)} or an identifier such as 'SSN'"
+        )
+    if not _TYPE_PATTERN.fullmatch(pii_type):
+        raise InvalidRecordError(
+            f"span type {pii_type!r} is not an identifier: use one of {', '.join(PII_TYPES)} "
+            "or a name of ASCII letters, digits and underscores that starts with a letter, "
+            "such as 'SSN' (lower case is upper-cased)"
+        )
+    return pii_type.upper()
+
+
 def find_record_problem(text: Any, spans: Sequence[PIISpan]) -> str | None:
-    """Return a sentence describing what is wrong with a record's text and spans, or None."""
+    """Return a sentence describing what is wrong with a record's text and spans, or None.
+
+    The sentence names spans by index, offsets and type and never quotes their text, which is
+    PII.
+    """
     if not isinstance(text, str):
         return f"text must be a string, got {type(text).__name__}"
     if not text.strip():
@@ -106,7 +131,7 @@ def find_record_problem(text: Any, spans: Sequence[PIISpan]) -> str | None:
         if span.start < 0 or span.end > len(text):
             return f"{label} is out of range for a text of {len(text)} characters"
         if not span.text(text).strip():
-            return f"{label} covers only whitespace ({span.text(text)!r})"
+            return f"{label} covers only whitespace"
 
     ordered = sorted(range(len(spans)), key=lambda i: (spans[i].start, spans[i].end))
     for previous, current in itertools.pairwise(ordered):
@@ -131,14 +156,16 @@ def load_records(
     dicts (``PIIRecord`` objects in the list are kept as they are). Each record has the
     fields ``text`` (required), ``spans`` (a list of ``{start, end, type[, pii]}``; in CSV a
     JSON string), ``id`` and ``meta``. When a span gives ``pii``, it must equal the text the
-    span covers. Spans come back sorted by start.
+    span covers. Span types are upper-cased (``"email"`` becomes ``"EMAIL"``). Spans come back
+    sorted by start.
 
     ``auto_label`` adds the spans that ``label_pii`` finds (e-mail addresses and phone numbers)
     to every record. Automatic spans that overlap a span from the source are dropped. The
     default, None, labels automatically only when no record in the source has any span, so a
     labelled data set is taken as it is and an unlabelled one still gets labels.
 
-    Raises ``InvalidRecordError`` naming the record (index and id) and the problem.
+    Raises ``InvalidRecordError`` naming the record (index and id) and the problem. The
+    message never contains the text of a span.
     """
     rows = _read_rows(source)
     records = [_record_from_row(row, index) for index, row in enumerate(rows)]
@@ -314,7 +341,7 @@ def _parse_spans(raw: Any, text: Any) -> list[PIISpan]:
 def _parse_span(item: Any, index: int, text: Any) -> PIISpan:
     if not isinstance(item, Mapping):
         raise InvalidRecordError(
-            f"span {index} must be an object with start, end and type, got {item!r}"
+            f"span {index} must be an object with start, end and type, got {_describe(item)}"
         )
     unknown = sorted(set(item) - set(SPAN_FIELDS))
     if unknown:
@@ -326,19 +353,23 @@ def _parse_span(item: Any, index: int, text: Any) -> PIISpan:
     if missing:
         raise InvalidRecordError(f"span {index} is missing {', '.join(missing)}")
 
-    kind = item["type"].upper() if isinstance(item["type"], str) else item["type"]
     try:
-        span = PIISpan(item["start"], item["end"], kind)
+        span = PIISpan(item["start"], item["end"], item["type"])
     except InvalidRecordError as error:
         raise InvalidRecordError(f"span {index}: {error}") from None
 
     expected_pii = item.get("pii")
+    if expected_pii is not None and not isinstance(expected_pii, str):
+        raise InvalidRecordError(
+            f"span {index}: 'pii' must be a string, got {type(expected_pii).__name__}"
+        )
     in_range = isinstance(text, str) and 0 <= span.start < span.end <= len(text)
     if expected_pii is not None and in_range and span.text(text) != expected_pii:
+        # Lengths, not the strings, because error messages end up in logs.
         raise InvalidRecordError(
             f"span {index} ({span.start}, {span.end}, {span.type}) covers "
-            f"{span.text(text)!r} but its 'pii' field is {expected_pii!r}; "
-            "fix the offsets or the string"
+            f"{span.end - span.start} characters that differ from its 'pii' string of "
+            f"{len(expected_pii)} characters; fix the offsets or the 'pii' string"
         )
     return span
 
@@ -356,3 +387,13 @@ def _parse_meta(raw: Any) -> dict:
     if not isinstance(raw, Mapping):
         raise InvalidRecordError(f"'meta' must be an object, got {type(raw).__name__}")
     return dict(raw)
+
+
+def _describe(value: Any) -> str:
+    """Name ``value`` for an error message: numbers as they are, anything else by its type.
+
+    A misplaced string in a span's fields may be PII, so its content is left out.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    return f"a {type(value).__name__}"

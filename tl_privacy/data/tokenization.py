@@ -140,8 +140,8 @@ def _label_tokens(
         ]
         if not covered:
             raise ValueError(
-                f"span {span_index} ({span.start}, {span.end}, {span.type}) = "
-                f"{span.text(text)!r} of record {record.record_id!r} overlaps no token; "
+                f"span {span_index} ({span.start}, {span.end}, {span.type}) of record "
+                f"{record.record_id!r} overlaps no token; "
                 "the tokenizer's offsets do not cover these characters "
                 "(a normalizer may drop them)"
             )
@@ -196,8 +196,9 @@ def offsets_by_decoding(tokenizer: Any, ids: list[int], text: str) -> list[tuple
     if decoded != text:
         raise ValueError(
             f"cannot align the tokens of {type(tokenizer).__name__} to the text: it gives no "
-            f"character offsets and decoding its tokens returns {decoded[:80]!r} instead of "
-            f"{text[:80]!r}; use a fast (Rust) tokenizer that supports return_offsets_mapping"
+            f"character offsets and decoding its tokens does not return the text ({len(decoded)} "
+            f"characters instead of {len(text)}, texts not shown because they may hold PII); "
+            "use a fast (Rust) tokenizer that supports return_offsets_mapping"
         )
 
     ends = []
