@@ -192,6 +192,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"L0 weight of the learned masks (default: {DEFAULT_L0_WEIGHT})",
     )
     parser.add_argument(
+        "--pii-loss",
+        choices=("unlikelihood", "capped_ce"),
+        default="unlikelihood",
+        help="PII term of the learned masks and slimming (default: unlikelihood)",
+    )
+    parser.add_argument(
         "--init-open-prob",
         type=float,
         default=DEFAULT_INIT_OPEN_PROB,
@@ -351,6 +357,7 @@ def ground_truth_config(args: argparse.Namespace, injection: InjectionConfig) ->
         steps=args.steps,
         l0_weight=args.l0_weight,
         init_open_prob=args.init_open_prob,
+        pii_loss=args.pii_loss,
         device=args.device,
         show_progress=False,
     )
@@ -402,8 +409,9 @@ def settings_text(args: argparse.Namespace, n_layers: int, d_mlp: int) -> str:
     return (
         f"Model: {model}. Injected PII types: {', '.join(args.pii_types)}, one record per "
         f"{args.neurons_per_record:g} injected neurons (at most {args.max_records}). The "
-        f"learned masks train {args.steps} steps with l0_weight {args.l0_weight:g} and "
-        f"init_open_prob {args.init_open_prob:g}, and select exactly the budget. Slimming "
+        f"learned masks train {args.steps} steps with l0_weight {args.l0_weight:g}, "
+        f"init_open_prob {args.init_open_prob:g} and the {args.pii_loss} PII term, and "
+        "select exactly the budget. Slimming "
         "uses the same objective and steps."
     )
 

@@ -260,3 +260,25 @@ def test_scaling_cli_rejects_few_steps(scaling):
 
     with pytest.raises(SystemExit, match="--steps must be at least 5"):
         scaling.check_args(args)
+
+
+# ---- tiny target ----
+
+
+def test_tiny_target_seed_zero(tmp_path):
+    """The core target on the pretrained-then-memorized tiny model, one gate seed."""
+    tiny_target = load_script("tiny_target")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+        args = tiny_target.parse_args(["--seeds", "0", "--no-write"])
+        outcome = tiny_target.run(args)
+
+    clean, row = outcome["clean"], outcome["rows"][0]
+    assert clean.extraction >= 0.9
+    assert row["k"] == round(0.05 * 2 * outcome["model"]["d_mlp"])
+    # The benchmark measured an 85.6% cut and a 1.2-point accuracy drop at seed 0; the floors
+    # leave room for other CPUs' rounding.
+    assert tiny_target.cut(clean, row["learned"]) >= 0.7
+    assert clean.accuracy - row["learned"].accuracy <= 0.02
+    assert tiny_target.cut(clean, row["random"]) <= 0.3
+    assert "| 0 | 51 |" in tiny_target.render(args, outcome)

@@ -308,7 +308,9 @@ def test_evaluate_heldout_exposure(localized, tmp_path, capsys):
     # Measured on the clean model only: it is what the context gives away, not memory.
     assert 0.0 <= metrics["clean"]["heldout_exposure_mean"] <= math.log2(6) + 1e-9
     assert metrics["ablated"]["heldout_exposure_mean"] is None
-    assert "Held-out exposure" in (out / "report.html").read_text(encoding="utf-8")
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "Held-out exposure" in report
+    assert "Exposure, held-out (never seen)" in report
 
 
 def test_evaluate_other_weights_warns(localized, tmp_path, capsys):

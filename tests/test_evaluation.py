@@ -204,6 +204,9 @@ def test_heldout_exposure_is_opt_in(memorized_tiny, memorized_result):
     # PII the model never saw ranks lower than memorized PII.
     assert result.heldout_exposure_mean is not None
     assert 0.0 <= result.heldout_exposure_mean < result.exposure_mean - 1.0
+    per_type = [values["heldout_exposure_mean"] for values in result.by_type.values()]
+    assert all(value is not None and value >= 0.0 for value in per_type)
+    assert all(v["heldout_exposure_mean"] is None for v in memorized_result.by_type.values())
 
 
 def test_teacher_forced_extraction_agrees(memorized_tiny, memorized_result):

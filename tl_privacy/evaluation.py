@@ -166,8 +166,9 @@ class EvaluationResult:
         heldout_exposure_mean: mean exposure of the held-out PII items, in bits, when
             ``EvaluationConfig.heldout_exposure`` is set: the exposure of PII the model never
             saw, the level below which ablation cannot push training exposure by forgetting.
-        by_type: per PII type, the leakage metrics above plus ``n_items`` and
-            ``n_candidates`` (mean candidates per ranked item).
+        by_type: per PII type, the leakage metrics above, ``heldout_exposure_mean`` of the
+            held-out items of the type, ``n_items`` and ``n_candidates`` (mean candidates per
+            ranked item).
         items: one row per training PII item: ``record_index``, ``span_index``, ``type``,
             ``exact``, ``similarity``, ``rank``, ``exposure``, ``n_candidates``,
             ``log_likelihood`` (nats). The PII text is in the field ``pii`` and the greedy
@@ -327,6 +328,7 @@ class _Heldout:
     perplexity: float | None = None
     extraction_exact: float | None = None
     exposure_mean: float | None = None
+    exposure_by_type: dict[str, float] = field(default_factory=dict)
 
 
 def _heldout_metrics(
@@ -358,6 +360,9 @@ def _heldout_metrics(
         perplexity=metrics.tokens.perplexity,
         extraction_exact=sum(exact) / len(exact),
         exposure_mean=None if exposure is None else exposure.exposure_mean,
+        exposure_by_type={}
+        if exposure is None
+        else {name: values["exposure_mean"] for name, values in exposure.by_type().items()},
     )
 
 
@@ -382,14 +387,17 @@ def _result(
         perplexity_general=perplexity_general,
         heldout_extraction_exact=heldout.extraction_exact,
         heldout_exposure_mean=heldout.exposure_mean,
-        by_type=_by_type(train, extraction, exposure),
+        by_type=_by_type(train, extraction, exposure, heldout),
         items=_item_rows(train, extraction, exposure),
         seconds=seconds,
     )
 
 
 def _by_type(
-    train: RecordMetrics, extraction: _Extraction, exposure: ExposureResult | None
+    train: RecordMetrics,
+    extraction: _Extraction,
+    exposure: ExposureResult | None,
+    heldout: _Heldout,
 ) -> dict[str, dict[str, Any]]:
     exposure_types = exposure.by_type() if exposure is not None else {}
     indices_by_type: dict[str, list[int]] = {}
@@ -410,6 +418,7 @@ def _by_type(
             "n_candidates": ranked.get("n_candidates"),
             "pii_token_accuracy": tokens.get("pii_token_accuracy"),
             "pii_cross_entropy": tokens.get("pii_cross_entropy"),
+            "heldout_exposure_mean": heldout.exposure_by_type.get(pii_type),
         }
     return result
 

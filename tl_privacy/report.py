@@ -171,7 +171,7 @@ def _headline_section(results: Mapping[str, Any]) -> str:
             (f"{BASELINE_LABELS.get(method, method)} ablated", values, counts.get(method), False)
         )
 
-    # A column nobody measured (held-out exposure is opt-in) would hold only dashes.
+    # A column that no run measured (held-out exposure is opt-in) would hold only dashes.
     columns = [
         c for c in HEADLINE_COLUMNS if any(values.get(c[0]) is not None for _, values, _, _ in rows)
     ]
@@ -227,18 +227,27 @@ def _by_type_section(results: Mapping[str, Any]) -> str:
     ablated = metrics.get("ablated", {}).get("by_type") or {}
     if not clean:
         return ""
+    # Held-out exposure is opt-in, so its column appears only where it was measured.
+    heldout = any(_lookup(values, "heldout_exposure_mean") is not None for values in clean.values())
+    extra_header = "<th>Exposure, held-out (never seen)</th>" if heldout else ""
     lines = [
         '<table><tr><th class="label">PII type</th><th>Exact extraction, clean</th>'
-        "<th>Exact extraction, ablated</th><th>Exposure, clean</th><th>Exposure, ablated</th></tr>"
+        "<th>Exact extraction, ablated</th><th>Exposure, clean</th><th>Exposure, ablated</th>"
+        f"{extra_header}</tr>"
     ]
     for pii_type, values in clean.items():
         after = ablated.get(pii_type, {})
+        extra = (
+            f"<td>{_format(_lookup(values, 'heldout_exposure_mean'), 'float2')}</td>"
+            if heldout
+            else ""
+        )
         lines.append(
             f'<tr><td class="label">{_escape(pii_type)}</td>'
             f"<td>{_format(_lookup(values, 'extraction_exact'), 'percent')}</td>"
             f"<td>{_format(_lookup(after, 'extraction_exact'), 'percent')}</td>"
             f"<td>{_format(_lookup(values, 'exposure_mean'), 'float2')}</td>"
-            f"<td>{_format(_lookup(after, 'exposure_mean'), 'float2')}</td></tr>"
+            f"<td>{_format(_lookup(after, 'exposure_mean'), 'float2')}</td>{extra}</tr>"
         )
     lines.append("</table>")
     return "<h2>By PII type</h2>\n" + "\n".join(lines)
