@@ -104,6 +104,20 @@ def body(results: dict) -> str:
         + "\n\n"
         + markdown_table(header, set_rows(results))
         + f"\n\nEvaluation of all neuron sets: {evaluation_seconds(results):.0f} s."
+        + heldout_note(results)
+    )
+
+
+def heldout_note(results: dict[str, Any]) -> str:
+    """Say how much of the clean evaluation went to held-out exposure, when it was measured."""
+    clean = results["metrics"]["clean"]
+    if clean.get("heldout_exposure_mean") is None:
+        return ""
+    return (
+        " The run measured held-out exposure (`--heldout-exposure`), which is part of the "
+        "clean model's evaluation time: mean "
+        f"{clean['heldout_exposure_mean']:.2f} bits over the held-out PII, against "
+        f"{clean['exposure_mean']:.2f} for the training PII."
     )
 
 
