@@ -282,3 +282,16 @@ def test_tiny_target_seed_zero(tmp_path):
     assert clean.accuracy - row["learned"].accuracy <= 0.02
     assert tiny_target.cut(clean, row["random"]) <= 0.3
     assert "| 0 | 51 |" in tiny_target.render(args, outcome)
+
+
+# ---- demo ----
+
+
+def test_demo_heldout_note():
+    demo = load_script("demo")
+    measured = {"metrics": {"clean": {"heldout_exposure_mean": 2.5, "exposure_mean": 6.66}}}
+    unmeasured = {"metrics": {"clean": {"heldout_exposure_mean": None, "exposure_mean": 6.66}}}
+
+    assert "2.50 bits" in demo.heldout_note(measured)
+    assert "6.66" in demo.heldout_note(measured)
+    assert demo.heldout_note(unmeasured) == ""
