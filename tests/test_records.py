@@ -416,3 +416,21 @@ def test_direct_construction_hides_pii():
     message = str(caught.value)
     assert "span 0 (8, 11, NAME) covers only whitespace" in message
     assert SECRET_NAME not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "kind"),
+    [
+        ("bad.csv", 'text\n"Call Jane Roe"\n"a","b","c","Jane Roe"\n', "CSV"),
+        ("bad.parquet", "not a parquet file: Jane Roe", "Parquet"),
+    ],
+)
+def test_unreadable_table_file_rejected(tmp_path, name, content, kind):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+
+    with pytest.raises(InvalidRecordError, match=f"could not be read as a {kind} file") as caught:
+        load_records(path)
+
+    assert "Jane Roe" not in str(caught.value)
+    assert name in str(caught.value)

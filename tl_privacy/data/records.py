@@ -253,9 +253,25 @@ def _read_path(path: Path) -> list[Mapping[str, Any]]:
                 datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
             )
             return list(reader(str(path), cache_dir=cache_dir, keep_in_memory=True))
+    except Exception as error:
+        # The parser's message is left out because some quote the row they failed on (PII).
+        kind = "CSV" if suffix == ".csv" else "Parquet"
+        raise InvalidRecordError(
+            f"{str(path)!r} could not be read as a {kind} file ({_error_names(error)}); "
+            f"check that it is a valid {kind} file with a 'text' column"
+        ) from None
     finally:
         if progress_was_on:
             datasets.enable_progress_bar()
+
+
+def _error_names(error: BaseException) -> str:
+    """Return the class names of ``error`` and of the errors it wraps, outermost first."""
+    names = []
+    while error is not None and len(names) < 4:
+        names.append(type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return " from ".join(names)
 
 
 # JSON files are parsed with the standard library, not through Arrow: Arrow would unify the
