@@ -6,7 +6,7 @@ placeholder, plus general text (:func:`tl_privacy.injection.train_without_pii`).
 weights are fine-tuned on the records with their PII until greedy decoding reproduces it
 (:func:`tl_privacy.memorize.memorize`, as in the SmolLM2 demo). A tiny
 model trained from scratch on the records instead spreads each record over all its weights,
-so that no small set of neurons holds it.
+so that no small set of neurons stores it.
 
 For each gate seed the script localizes privacy neurons at a budget of 5% of the MLP
 neurons (``selection="budget"``, so exactly that many) and measures, against a random set of
@@ -55,14 +55,15 @@ MAX_ACCURACY_DROP = 0.02
 TOKENIZER_VOCAB = 2048
 
 # The memorizing fine-tune uses SmolLM2's learning rate, 1e-3. At the tiny default of 3e-3
-# (tl_privacy.memorize.default_lr) the fine-tune spreads each record over many more neurons:
-# the same gate settings then cut extraction by 32% to 40% over three gate seeds.
+# (tl_privacy.memorize.default_lr) the fine-tune spreads each record over more neurons, and the
+# gate settings below cut extraction by 32% to 40% (`--memorize-lr 0.003`, three gate seeds).
 #
-# Gate settings for a model this small. The library defaults (l0_weight 0.1, init_open_prob
-# 0.99, keep_weight 1, 200 steps) cut extraction by 62%. There the L0 term is weak next to the
-# keep term, so few gates close, and the rest of the budget goes to gates that barely moved.
-# With l0_weight 1 and keep_weight 1 the cut was 81%, but non-PII accuracy fell 2.1 points.
-DEFAULT_SETTINGS = {"l0_weight": 1.0, "init_open_prob": 0.9, "keep_weight": 2.0}
+# Gate settings for a model this small. With the library defaults the L0 term is weak next to
+# the keep term, so few gates close and the rest of the budget goes to gates that barely moved
+# (`--l0-weight 0.1 --init-open-prob 0.99 --keep-weight 1 --steps 200` reports the cut).
+DEFAULT_L0_WEIGHT = 1.0
+DEFAULT_INIT_OPEN_PROB = 0.9
+DEFAULT_KEEP_WEIGHT = 2.0
 
 
 @dataclass
@@ -82,6 +83,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps", type=int, default=400, help="localization steps per seed (default: 400)"
     )
+
+    parser.add_argument(
+        "--l0-weight",
+        type=float,
+        default=DEFAULT_L0_WEIGHT,
+        help=f"L0 weight of the gates (default: {DEFAULT_L0_WEIGHT:g})",
+    )
+    parser.add_argument(
+        "--init-open-prob",
+        type=float,
+        default=DEFAULT_INIT_OPEN_PROB,
+        help=f"initial open probability of the gates (default: {DEFAULT_INIT_OPEN_PROB:g})",
+    )
+    parser.add_argument(
+        "--keep-weight",
+        type=float,
+        default=DEFAULT_KEEP_WEIGHT,
+        help=f"weight of the keep term (default: {DEFAULT_KEEP_WEIGHT:g})",
+    )
+
     parser.add_argument(
         "--base-steps",
         type=int,
@@ -97,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--people", type=int, default=32, help="people in the synthetic corpus (default: 32)"
     )
+
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     parser.add_argument(
         "--no-write", action="store_true", help="print the table without writing the doc"
@@ -159,6 +181,15 @@ def measure(model: Any, corpus: PIICorpus, batches: list, hooks: list) -> Measur
     )
 
 
+def gate_settings(args: argparse.Namespace) -> dict[str, float]:
+    """Return the gate settings of ``args`` as ``LocalizationConfig`` fields."""
+    return {
+        "l0_weight": args.l0_weight,
+        "init_open_prob": args.init_open_prob,
+        "keep_weight": args.keep_weight,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model, localize once per seed and return every number of the table."""
     torch.set_num_threads(args.threads)
@@ -178,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 selection="budget",
                 type_names=type_names,
                 show_progress=False,
-                **DEFAULT_SETTINGS,
+                **gate_settings(args),
             )
             started = time.perf_counter()
             learned = localize(model, batches, settings)
@@ -215,18 +246,18 @@ def meets_target(clean: Measure, learned: Measure) -> bool:
 def render(args: argparse.Namespace, outcome: dict[str, Any]) -> str:
     clean, build = outcome["clean"], outcome["build"]
     model = outcome["model"]
-    settings = ", ".join(f"{key} {value:g}" for key, value in DEFAULT_SETTINGS.items())
+    settings = ", ".join(f"{key} {value:g}" for key, value in gate_settings(args).items())
     intro = (
-        f"Model: tiny ({model['n_layers']} layers x {model['d_mlp']} MLP neurons), trained "
-        f"{build['base_steps']} steps on the corpus with its PII replaced by placeholders and on "
-        f"the general text (loss {build['base_loss']:.3f}, {build['base_seconds']:.0f} s), then "
-        f"MLP weights fine-tuned on {args.people} people's records (lr "
-        f"{build['memorize_lr']:g}) for {build['memorize_steps']} steps until greedy "
-        "extraction reached "
-        f"{clean.extraction:.1%} (held-out {build['heldout_extraction']:.1%}). Learned masks: "
-        f"budget {BUDGET:.0%} of the MLP neurons, {args.steps} steps, {settings}. Target: "
-        f"extraction cut >= {TARGET_CUT:.0%} with non-PII accuracy down <= "
-        f"{MAX_ACCURACY_DROP * 100:g} points; random neurons cut far less."
+        f"Model: tiny ({model['n_layers']} layers x {model['d_mlp']} MLP neurons). It was "
+        f"trained {build['base_steps']} steps on the corpus with its PII replaced by "
+        f"placeholders and on the general text (loss {build['base_loss']:.3f}, "
+        f"{build['base_seconds']:.0f} s). Then its MLP weights were fine-tuned on {args.people} "
+        f"people's records (lr {build['memorize_lr']:g}) for {build['memorize_steps']} steps, "
+        f"until greedy extraction reached {clean.extraction:.1%} (held-out "
+        f"{build['heldout_extraction']:.1%}). Learned masks: budget {BUDGET:.0%} of the MLP "
+        f"neurons, {args.steps} steps, {settings}. Target: extraction cut >= "
+        f"{TARGET_CUT:.0%} with non-PII accuracy down <= {MAX_ACCURACY_DROP * 100:g} points, "
+        "and random neurons cut far less."
     )
     header = [
         "seed",
