@@ -8,7 +8,12 @@ import torch
 from tests._memorized import PII_END, PII_START, make_tiny_model
 from tl_privacy import LocalizationConfig, localize
 from tl_privacy.localization import Localizer, as_batches
-from tl_privacy.objectives import pii_runs, pii_suppression_loss
+from tl_privacy.objectives import (
+    pii_runs,
+    pii_suppression_loss,
+    selected_log_probs,
+    token_log_probs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +187,22 @@ def test_pii_runs_numbers_strings():
     pii = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 0, 0, 1]], dtype=torch.bool)
     runs = pii_runs(pii)
     assert runs[pii].tolist() == [0, 0, 1, 2, 2, 3]
+
+
+def test_selected_log_probs_match_full_log_softmax():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 6), generator=generator)
+    selected = torch.rand(3, 6, generator=generator) < 0.4
+
+    full = token_log_probs(logits, targets)[selected]
+    rows = selected_log_probs(logits, targets, selected)
+    (full_grad,) = torch.autograd.grad(full.sum(), logits)
+    (rows_grad,) = torch.autograd.grad(rows.sum(), logits)
+
+    assert selected.any()
+    assert torch.allclose(rows, full, atol=1e-6)
+    assert torch.allclose(rows_grad, full_grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["sequence", "unlikelihood", "capped_ce"])

@@ -51,8 +51,8 @@ from tl_privacy.objectives import (
     keep_loss,
     pii_suppression_loss,
     reference_log_probs,
+    selected_log_probs,
     shifted_targets,
-    token_log_probs,
 )
 from tl_privacy.precision import autocast
 
@@ -409,7 +409,7 @@ def _riemann_gradients(
         for step in range(1, steps + 1):
             alpha["value"] = step / steps
             logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
-            objective = token_log_probs(logits, targets)[pii].sum()
+            objective = selected_log_probs(logits, targets, pii).sum()
             gradients = torch.autograd.grad(objective, [scaled[layer] for layer in layers])
             for layer, gradient in zip(layers, gradients, strict=True):
                 sums[layer] += gradient

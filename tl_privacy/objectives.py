@@ -56,6 +56,21 @@ def token_log_probs(
     return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def selected_log_probs(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    targets: Int[Tensor, "batch pos_1"],
+    selected: Bool[Tensor, "batch pos_1"],
+) -> Float[Tensor, " n_selected"]:
+    """``token_log_probs(logits, targets)[selected]``, normalizing only the selected rows.
+
+    The log-softmax over the vocabulary and its backward pass dominate the loss terms;
+    PII tokens are a small part of a record, so this is several times cheaper there.
+    """
+    rows = logits[:, :-1][selected].float()
+    log_probs = F.log_softmax(rows, dim=-1)
+    return log_probs.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
+
+
 def pii_suppression_loss(
     logits: Float[Tensor, "batch pos d_vocab"],
     batch: dict[str, Tensor],
@@ -77,8 +92,7 @@ def pii_suppression_loss(
     targets, pii, _ = shifted_targets(batch)
     if not pii.any():
         return logits.new_zeros(())
-    token_log_p = token_log_probs(logits, targets)
-    log_p = token_log_p[pii]
+    log_p = selected_log_probs(logits, targets, pii)
 
     if form == "sequence":
         # One term per PII string: log P(string) is the sum over its tokens.
@@ -129,7 +143,7 @@ def keep_loss(
         return logits.new_zeros(())
 
     if form == "ce":
-        return -token_log_probs(logits, targets)[keep].mean()
+        return -selected_log_probs(logits, targets, keep).mean()
     if form == "kl":
         if reference_log_probs is None:
             raise ValueError("keep_loss form 'kl' needs reference_log_probs.")
