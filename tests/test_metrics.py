@@ -13,8 +13,11 @@ from tl_privacy.data.records import PIIRecord, PIISpan
 from tl_privacy.extraction import exact_match_teacher_forced
 from tl_privacy.metrics import (
     ExposureConfig,
+    _build_trie,
     _exposure_plans,
+    _JobState,
     _paths_to,
+    _TrieScorer,
     exposure_from_rank,
     exposure_from_scores,
     exposure_scores,
@@ -164,16 +167,38 @@ def brute_force_ranks(model, tokenizer, items, config):
 
 
 @pytest.mark.parametrize(
-    ("kind", "max_row_nodes"), [("native", 4096), ("llama", 40), ("llama", 4096)]
+    ("kind", "max_row_nodes", "trie_mode", "max_query_tokens"),
+    [
+        ("native", 4096, "auto", 2048),
+        ("llama", 40, "auto", 2048),
+        ("llama", 4096, "auto", 2048),
+        # Level by level only, whole tries only, and whole tries over many small passes.
+        ("llama", 40, "levels", 2048),
+        ("llama", 40, "whole", 2048),
+        ("llama", 4096, "whole", 6),
+    ],
 )
 def test_trie_ranks_match_brute_force(
-    kind, max_row_nodes, tiny_model, llama_bridge, tiny_tokenizer, synthetic_corpus
+    kind,
+    max_row_nodes,
+    trie_mode,
+    max_query_tokens,
+    tiny_model,
+    llama_bridge,
+    tiny_tokenizer,
+    synthetic_corpus,
 ):
     model = tiny_model if kind == "native" else llama_bridge
     records = synthetic_corpus.train[:3]
     # Small jobs, so that items are split over several jobs, rows and passes.
     config = ExposureConfig(
-        n_candidates=12, max_job_nodes=24, max_row_nodes=max_row_nodes, rows_per_pass=2, seed=3
+        n_candidates=12,
+        max_job_nodes=24,
+        max_row_nodes=max_row_nodes,
+        rows_per_pass=2,
+        seed=3,
+        trie_mode=trie_mode,
+        max_query_tokens=max_query_tokens,
     )
 
     result = exposure_scores(model, tiny_tokenizer, records, config=config, batch_size=2)
@@ -182,6 +207,41 @@ def test_trie_ranks_match_brute_force(
     assert result.ranks == brute_force_ranks(model, tiny_tokenizer, items, config)
     assert len(result.items) == len(items)
     assert all(item.n_candidates == 12 for item in result.items)
+
+
+def _first_level_state(bound: float, first_token_score: float) -> _JobState:
+    """A job of 20 four-token candidates with distinct first tokens, scored at level 1."""
+    job = _build_trie((1, 2, 3, 4), [(10 + i, 6, 7, 8) for i in range(20)])
+    state = _JobState(
+        job=job,
+        item=0,
+        row=0,
+        prefix_len=3,
+        true_log_probs=torch.zeros(5, 64),
+        bound=bound,
+        cum=torch.full((job.n_nodes,), -math.inf),
+        cols=torch.full((job.n_nodes,), -1, dtype=torch.long),
+        edge=torch.full((job.n_nodes,), math.nan),
+    )
+    first = job.levels[0]
+    state.cum[first] = torch.where(job.true_depth[first] > 0, -0.1, first_token_score)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("bound", "first_token_score", "whole"),
+    [
+        # The true PII is unlikely: every candidate survives far above the bound.
+        (-1000.0, -2.0, True),
+        # The true PII is likely: every candidate is pruned after its first token.
+        (-1.0, -5.0, False),
+    ],
+)
+def test_auto_mode_runs_whole_tries_only_where_little_is_pruned(bound, first_token_score, whole):
+    scorer = _TrieScorer(None, None, None, {}, [], {}, {}, ExposureConfig())
+    state = _first_level_state(bound, first_token_score)
+
+    assert scorer._whole_from_here([state], depth=1) is whole
 
 
 def test_cache_mode_detection(tiny_model, llama_bridge):

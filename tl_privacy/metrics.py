@@ -19,13 +19,15 @@ Metrics:
 Scoring 1,000 candidates for each of 160 PII items naively means 160,000 sequences of a whole
 record prefix plus a candidate. :func:`record_metrics` instead runs each record once with a KV
 cache, reads the true PII's score and the candidates' first tokens from that pass, and scores
-the rest of the candidates as a token trie behind the cached record. Each forward pass runs
-one trie level, with a 4-D attention mask so that each trie node sees only its item's prefix
-and its own ancestors ("tree attention"), so candidates that share leading tokens share their
-computation. A candidate whose partial log-likelihood is already below the true PII's is
-dropped, because further tokens can only lower it, so the ranks stay exact. Models without a
-usable KV cache (TL-native models) score each candidate as one ``prefix + candidate``
-sequence instead, which gives the same ranks at a higher cost.
+the rest of the candidates as a token trie behind the cached record. A 4-D attention mask lets
+each trie node see only its item's prefix and its own ancestors ("tree attention"), so
+candidates that share leading tokens share their computation. The trie is run level by level
+while that prunes: a candidate whose partial log-likelihood is already below the true PII's is
+dropped, because further tokens can only lower it. Once most of a level survives (the model
+finds the true PII unlikely, as after ablation), the rest of the trie runs in a few large
+passes without pruning. Either way the ranks are exact. Models without a usable KV cache
+(TL-native models) score each candidate as one ``prefix + candidate`` sequence instead, which
+gives the same ranks at a higher cost.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -288,10 +290,27 @@ class ExposureConfig:
             attention cost of a row. Every node of a row stays in its cache until the row is
             done, so each query attends to up to this many columns besides the prefix. On
             SmolLM2 with nothing pruned (80 held-out items, 100 candidates each, bfloat16,
-            2 CPU threads) rows of 512 nodes took 93 s against 146 s with 2,048 and 125 s
-            with 256 (more rows, smaller passes).
+            2 CPU threads, level by level in passes of 512 nodes) rows of 512 nodes took
+            93 s against 146 s with 2,048 and 125 s with 256 (more rows, smaller passes).
         rows_per_pass: batch rows scored side by side in one forward pass.
-        max_query_tokens: trie nodes run in one forward pass, over all its rows.
+        max_query_tokens: trie nodes run in one forward pass, over all its rows. Its logits
+            take ``max_query_tokens * d_vocab`` floats (400 MB for 2,048 SmolLM2 nodes).
+        trie_mode: ``"levels"`` runs each trie level by level, pruning as it goes (one pass
+            or more per level); ``"whole"`` runs everything below the first level's
+            survivors in passes of up to ``max_query_tokens`` nodes, without further
+            pruning; ``"auto"`` switches a batch of rows from levels to whole tries at the
+            first level where that is predicted to be cheaper. Pruning pays where the model
+            prefers the true PII (a memorizing model); where little is pruned (a model
+            that finds the PII unlikely), the per-level passes cost more than the nodes
+            they skip. ``benchmarks/exposure.py`` times the modes on the demo's model.
+        pass_cost_nodes: the fixed cost of one forward pass, in trie nodes, for ``"auto"``.
+            Level by level is predicted to run the nodes whose surviving ancestor's margin
+            over the bound covers their depth below it at the mean nats per token just
+            scored, plus one pass per level; whole tries run every node below the
+            survivors, in few passes. On the demo's SmolLM2 (2 CPU threads) 48 kept the
+            ablated learned set as fast as level by level (44.9 s against 42.7 s) and
+            halved the time where nothing is pruned (109 s against 204 s); 128 sent the
+            learned set to whole tries (55 s).
         use_kv_cache: score tries behind a KV cache where the model supports it.
         max_items_per_type: rank only the first this many items of each PII type (in
             record order), or all with None; the others get no rank. Exposure costs about
@@ -304,7 +323,9 @@ class ExposureConfig:
     max_job_nodes: int = 512
     max_row_nodes: int = 512
     rows_per_pass: int = 8
-    max_query_tokens: int = 512
+    max_query_tokens: int = 2048
+    trie_mode: Literal["auto", "levels", "whole"] = "auto"
+    pass_cost_nodes: float = 48.0
     use_kv_cache: bool = True
     max_items_per_type: int | None = None
 
@@ -313,6 +334,12 @@ class ExposureConfig:
             raise ValueError(f"n_candidates must be at least 1, got {self.n_candidates}.")
         if self.tie_tolerance < 0:
             raise ValueError(f"tie_tolerance must be >= 0, got {self.tie_tolerance}.")
+        if self.trie_mode not in ("auto", "levels", "whole"):
+            raise ValueError(
+                f"trie_mode must be 'auto', 'levels' or 'whole', got {self.trie_mode!r}."
+            )
+        if not self.pass_cost_nodes >= 0:
+            raise ValueError(f"pass_cost_nodes must be >= 0, got {self.pass_cost_nodes}.")
         for name in ("max_job_nodes", "max_row_nodes", "rows_per_pass", "max_query_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -892,10 +919,14 @@ class _JobState:
     bound: float
     cum: Tensor  # [n_nodes] log-likelihood of each node's path; -inf when pruned
     cols: Tensor  # [n_nodes] cache column of each node that has keys and values, else -1
+    # Log-probability of each node's token after its parent's path; NaN until its parent
+    # runs. Filled only while the job runs whole (``whole_from`` is not None).
+    edge: Tensor
+    whole_from: int | None = None  # depth from which the rest of the trie runs unpruned
 
 
 class _TrieScorer:
-    """Scores the candidate tries of the items of one record batch, level by level."""
+    """Scores the candidate tries of the items of one record batch."""
 
     def __init__(
         self,
@@ -994,6 +1025,7 @@ class _TrieScorer:
             bound=true_score - self.config.tie_tolerance,
             cum=torch.full((job.n_nodes,), -math.inf, dtype=torch.float32),
             cols=cols,
+            edge=torch.full((job.n_nodes,), math.nan, dtype=torch.float32),
         )
 
     def _score_group(self, rows: list[list[_JobState]]) -> None:
@@ -1009,21 +1041,67 @@ class _TrieScorer:
         runner = _CachedRunner(self.model, self.cache, self.config, rows)
         max_depth = max(len(state.job.levels) for state in states)
         for depth in range(1, max_depth):
-            requests = []
+            whole = self._whole_from_here(states, depth)
+            requests = [self._request(state, depth, whole) for state in states]
+            for position, nodes, logits in runner.run(requests):
+                state = states[position]
+                if state.whole_from is None:
+                    self._extend(state, nodes, _token_log_probs(logits, state.job, nodes))
+                else:
+                    state.edge[_children(state.job, nodes)] = _token_log_probs(
+                        logits, state.job, nodes
+                    )
             for state in states:
-                if depth >= len(state.job.levels):
-                    requests.append(torch.empty(0, dtype=torch.long))
-                    continue
-                nodes = state.job.levels[depth - 1]
-                alive = nodes[state.job.has_children[nodes] & (state.cum[nodes] >= state.bound)]
-                on_true = state.job.true_depth[alive] > 0
-                true_nodes = alive[on_true]
-                if len(true_nodes):
-                    rows = state.true_log_probs[state.job.true_depth[true_nodes]]
-                    self._extend(state, depth, true_nodes, rows)
-                requests.append(alive[~on_true])
-            for position, nodes, log_probs in runner.run(depth, requests):
-                self._extend(states[position], depth, nodes, log_probs)
+                if state.whole_from == depth:
+                    self._sum_whole(state, depth)
+
+    def _whole_from_here(self, states: list[_JobState], depth: int) -> bool:
+        """Whether the group's jobs should run whole below level ``depth`` (see
+        ``ExposureConfig.trie_mode`` and ``pass_cost_nodes``)."""
+        mode = self.config.trie_mode
+        if mode != "auto":
+            return mode == "whole"
+        splits = [(state, _level_split(state, depth)) for state in states]
+        splits = [(state, split) for state, split in splits if split is not None]
+        steps = torch.cat([split[0] for _, split in splits]) if splits else torch.empty(0)
+        if not len(steps):
+            return False
+        # Nats a candidate loses per token, from the tokens just scored.
+        cost_per_token = max(float(-steps.mean()), 1e-3)
+        predicted_nodes, predicted_levels, total = 0, set(), 0
+        for state, (_, margins, below) in splits:
+            offsets = state.job.depths[below] - depth
+            reached = margins[below] >= offsets * cost_per_token
+            predicted_nodes += int(reached.sum())
+            predicted_levels.update(offsets[reached].tolist())
+            total += len(below)
+        pass_cost = self.config.pass_cost_nodes
+        by_levels = predicted_nodes + pass_cost * len(predicted_levels)
+        whole = total + pass_cost * math.ceil(total / self.config.max_query_tokens)
+        return whole < by_levels
+
+    def _request(self, state: _JobState, depth: int, whole: bool) -> Tensor:
+        """Return the nodes of ``state``'s job to run for trie level ``depth``.
+
+        Level by level these are the surviving nodes at ``depth`` that have children and
+        are not on the true PII's path (whose logits the record's pass gave). With
+        ``whole`` they are all such nodes below the survivors, in depth order, so that each
+        node's ancestors get their cache columns first.
+        """
+        job = state.job
+        if state.whole_from is not None or depth >= len(job.levels):
+            return torch.empty(0, dtype=torch.long)
+        scored, surviving = _survivors(state, depth)
+        if whole:
+            state.whole_from = depth
+            return _runnable_below(job, surviving)
+
+        alive = surviving[job.has_children[surviving]]
+        true_nodes = alive[job.true_depth[alive] > 0]
+        if len(true_nodes):
+            rows = state.true_log_probs[job.true_depth[true_nodes]]
+            self._extend(state, true_nodes, _token_log_probs(rows, job, true_nodes, True))
+        return alive[job.true_depth[alive] == 0]
 
     def _score_whole_candidates(self, state: _JobState) -> None:
         """Score each candidate as one ``prefix + candidate`` sequence; for models without a
@@ -1047,20 +1125,125 @@ class _TrieScorer:
                 state.cum[terminal] = -losses.sum()
 
     @staticmethod
-    def _extend(state: _JobState, depth: int, parents: Tensor, log_probs: Tensor) -> None:
-        """Score the children of ``parents`` (at ``depth``) from their log-softmax rows."""
+    def _extend(state: _JobState, parents: Tensor, child_log_probs: Tensor) -> None:
+        """Score the children of ``parents`` from their log-probabilities (in the order of
+        :func:`_children`)."""
         job = state.job
-        children = job.levels[depth]
-        row_of = torch.full((job.n_nodes,), -1, dtype=torch.long)
-        row_of[parents] = torch.arange(len(parents))
-        children = children[row_of[job.parents[children]] >= 0]
-        parent_rows = row_of[job.parents[children]]
-        child_log_probs = log_probs[parent_rows, job.tokens[children]].to(torch.float32)
+        children = _children(job, parents)
         state.cum[children] = state.cum[job.parents[children]] + child_log_probs
+
+    @staticmethod
+    def _sum_whole(state: _JobState, depth: int) -> None:
+        """Sum the edge log-probabilities below level ``depth`` into path scores, top down.
+
+        Nodes below a pruned node keep -inf, as level-by-level scoring leaves them; nodes
+        that fall below the bound on the way get their real, lower score. Either way they
+        do not count as higher than the true PII.
+        """
+        job = state.job
+        for level in job.levels[depth:]:
+            parents = job.parents[level]
+            on_true = job.true_depth[parents] > 0
+            if on_true.any():
+                true_rows = state.true_log_probs[job.true_depth[parents[on_true]]]
+                state.edge[level[on_true]] = (
+                    true_rows.gather(1, job.tokens[level[on_true]].unsqueeze(1)).squeeze(1).float()
+                )
+            reached = (state.cum[parents] > -math.inf) & ~state.edge[level].isnan()
+            state.cum[level[reached]] = state.cum[parents[reached]] + state.edge[level[reached]]
 
 
 _UNCACHED_TOKENS_PER_PASS = 4096
 """Tokens per forward pass when candidates are scored without a KV cache."""
+
+
+def _children(job: _TrieJob, parents: Tensor) -> Tensor:
+    """Return the children of ``parents``, grouped by parent in the order of ``parents``."""
+    order = torch.full((job.n_nodes,), -1, dtype=torch.long)
+    order[parents] = torch.arange(len(parents))
+    has_parent = job.parents >= 0
+    children = has_parent.nonzero().flatten()
+    children = children[order[job.parents[children]] >= 0]
+    return children[torch.argsort(order[job.parents[children]], stable=True)]
+
+
+def _token_log_probs(
+    logits: Float[Tensor, "n d_vocab"],
+    job: _TrieJob,
+    parents: Tensor,
+    normalized: bool = False,
+) -> Float[Tensor, " n_children"]:
+    """Log-probability of each child token of ``parents`` (``logits`` row ``i`` belongs to
+    ``parents[i]``), in the order of :func:`_children`, as float32 on the CPU.
+
+    Only the children's entries and each row's log-sum-exp are read, instead of writing a
+    full log-softmax over the vocabulary. ``normalized`` rows are log-probabilities already
+    (the true PII's rows) and are read as they are.
+    """
+    children = _children(job, parents)
+    row_of = torch.full((job.n_nodes,), -1, dtype=torch.long)
+    row_of[parents] = torch.arange(len(parents))
+    rows = row_of[job.parents[children]].to(logits.device)
+    tokens = job.tokens[children].to(logits.device)
+    logits = logits.float()
+    if normalized:
+        return logits[rows, tokens].cpu()
+    normalizer = torch.logsumexp(logits, dim=-1)
+    return (logits[rows, tokens] - normalizer[rows]).cpu()
+
+
+def _subtree(job: _TrieJob, roots: Tensor) -> Tensor:
+    """Return ``roots`` and all their descendants, sorted by depth."""
+    inside = torch.zeros(job.n_nodes, dtype=torch.bool)
+    inside[roots] = True
+    # Level by level from the top, so that each level reads its parents' final flags.
+    for level in job.levels:
+        parents = job.parents[level]
+        inside[level] |= (parents >= 0) & inside[parents.clamp_min(0)]
+    nodes = inside.nonzero().flatten()
+    return nodes[torch.argsort(job.depths[nodes], stable=True)]
+
+
+def _level_split(state: _JobState, depth: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Return what ``trie_mode="auto"`` reads at level ``depth`` of a job still run level by
+    level, or None when the job is done or already whole.
+
+    Returns ``(steps, margins, below)``: the log-probabilities of the candidate tokens
+    scored at this level (nats, <= 0); each node's margin, the nats its level-``depth``
+    ancestor's score is above the bound (-inf off the survivors' subtrees); and the nodes
+    whole tries would run below the survivors.
+    """
+    job = state.job
+    if state.whole_from is not None or depth >= len(job.levels):
+        return None
+    scored, surviving = _survivors(state, depth)
+    candidates = scored[job.true_depth[scored] == 0]
+    parents = job.parents[candidates]
+    parent_scores = torch.where(
+        parents >= 0, state.cum[parents.clamp_min(0)], torch.zeros_like(state.cum[candidates])
+    )
+    steps = state.cum[candidates] - parent_scores
+
+    margins = torch.full((job.n_nodes,), -math.inf)
+    margins[surviving] = state.cum[surviving] - state.bound
+    for level in job.levels[depth:]:
+        margins[level] = torch.maximum(margins[level], margins[job.parents[level]])
+    return steps, margins, _runnable_below(job, surviving)
+
+
+def _survivors(state: _JobState, depth: int) -> tuple[Tensor, Tensor]:
+    """Return the nodes of level ``depth`` that have a score, and those of them at or above
+    the bound."""
+    nodes = state.job.levels[depth - 1]
+    scored = nodes[state.cum[nodes] > -math.inf]
+    return scored, scored[state.cum[scored] >= state.bound]
+
+
+def _runnable_below(job: _TrieJob, roots: Tensor) -> Tensor:
+    """Return ``roots`` and their descendants that need a forward pass (they have
+    children and are off the true PII's path), in depth order."""
+    below = _subtree(job, roots)
+    return below[job.has_children[below] & (job.true_depth[below] == 0)]
 
 
 def _paths_to(job: _TrieJob, nodes: Tensor) -> list[Tensor]:
@@ -1080,7 +1263,8 @@ class _CachedRunner:
 
     Each batch row holds jobs of one record, and its cache starts as a copy of that record's
     keys and values. Each pass appends one column per query to every row. A 4-D mask lets a
-    node see its item's prefix, its ancestors and itself, and nothing else.
+    node see its item's prefix, its ancestors and itself, and nothing else. A node's
+    ancestors must have run in an earlier pass or earlier in the same pass.
     """
 
     def __init__(
@@ -1101,9 +1285,9 @@ class _CachedRunner:
         self.cache_len = int(self.cache.get_seq_length())
         self.pad_id = _model_pad_id(model)
 
-    def run(self, depth: int, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """Run the requested nodes (at ``depth``) of every job and yield, per job and chunk,
-        ``(job position, nodes, log-softmax rows of their logits)``."""
+    def run(self, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Run the requested nodes of every job and yield, per job and chunk,
+        ``(job position, nodes, their logits)``."""
         queues = []
         for positions in self.positions:
             nodes = [requests[p] for p in positions]
@@ -1119,14 +1303,13 @@ class _CachedRunner:
                 (nodes[start : start + per_row], owners[start : start + per_row])
                 for nodes, owners in queues
             ]
-            logits = self._forward(depth, chunks)
+            logits = self._forward(chunks)
             for row, (nodes, owners) in enumerate(chunks):
                 for position in owners.unique().tolist():
                     selected = (owners == position).nonzero().flatten()
-                    rows = logits[row, selected]
-                    yield position, nodes[selected], F.log_softmax(rows, dim=-1).cpu()
+                    yield position, nodes[selected], logits[row, selected.to(logits.device)]
 
-    def _forward(self, depth: int, chunks: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _forward(self, chunks: list[tuple[Tensor, Tensor]]) -> Tensor:
         n_rows = len(chunks)
         width = max(1, max(len(nodes) for nodes, _ in chunks))
         kv_len = self.cache_len + width
@@ -1141,7 +1324,6 @@ class _CachedRunner:
                 queries = (owners == position).nonzero().flatten()
                 self._place(
                     self.states[position],
-                    depth,
                     nodes[queries],
                     row,
                     queries,
@@ -1157,7 +1339,6 @@ class _CachedRunner:
     def _place(
         self,
         state: _JobState,
-        depth: int,
         nodes: Tensor,
         row: int,
         queries: Tensor,
@@ -1165,18 +1346,26 @@ class _CachedRunner:
         positions: Tensor,
         visible: Tensor,
     ) -> None:
-        """Put one job's nodes at ``queries`` of ``row`` and open their attention."""
+        """Put one job's nodes (in depth order) at ``queries`` of ``row`` and open their
+        attention to the prefix, their ancestors and themselves."""
         job = state.job
         input_ids[row, queries] = job.tokens[nodes]
-        positions[row, queries] = state.prefix_len + depth - 1
+        positions[row, queries] = state.prefix_len + job.depths[nodes] - 1
         visible[row, queries, : state.prefix_len] = True
-        ancestors = job.parents[nodes]
-        for _ in range(depth - 1):
-            visible[row, queries, state.cols[ancestors]] = True
-            ancestors = job.parents[ancestors]
+        # Columns first, so that ancestors in this same pass are visible below.
         own_cols = self.cache_len + queries
-        visible[row, queries, own_cols] = True
         state.cols[nodes] = own_cols
+        visible[row, queries, own_cols] = True
+        ancestors = job.parents[nodes]
+        while True:
+            has = ancestors >= 0
+            if not has.any():
+                break
+            cols = state.cols[ancestors[has]]
+            if (cols < 0).any():
+                raise RuntimeError("a trie node was run before one of its ancestors")
+            visible[row, queries[has], cols] = True
+            ancestors = torch.where(has, job.parents[ancestors.clamp_min(0)], ancestors)
 
 
 # ---- greedy decoding behind the record's forward pass ----
