@@ -15,7 +15,10 @@ to floating-point rounding, so the ranks should agree but for near-ties.
 The table goes into the ``exposure`` section of docs/benchmarks.md (``--no-doc`` leaves the
 file alone). The last line printed is one JSON object with the times.
 
-Usage: python benchmarks/exposure.py [--candidates 100] [--threads 2] [--no-doc]
+With ``--neurons DIR`` a third case ablates a saved neuron set, such as the learned set
+of a demo run, where pruning works only part of the way.
+
+Usage: python benchmarks/exposure.py [--candidates 100] [--threads 2] [--neurons DIR] [--no-doc]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from _markdown import markdown_table, write_section
 
 from tl_privacy import pipeline
 from tl_privacy.metrics import ExposureConfig, exposure_scores
+from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.precision import autocast
 
 NOTHING_PRUNED = 1e9
@@ -41,6 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", type=int, default=100, help="candidates per PII item")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--neurons",
+        type=Path,
+        default=None,
+        help="a saved neuron set (a demo's neurons/ folder) to time ablated as a third case",
+    )
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     return parser.parse_args()
 
@@ -55,8 +65,9 @@ def memorized_demo_run(workdir: Path) -> pipeline.Run:
     return run
 
 
-def timed_exposure(run: pipeline.Run, config: ExposureConfig) -> dict:
-    """Score the training records' exposure once; return seconds, model passes and ranks."""
+def timed_exposure(run: pipeline.Run, config: ExposureConfig, hooks: list | None = None) -> dict:
+    """Score the training records' exposure once under ``hooks`` and return the seconds, model
+    passes and ranks."""
     passes = [0]
 
     def count(module, args) -> None:
@@ -70,6 +81,7 @@ def timed_exposure(run: pipeline.Run, config: ExposureConfig) -> dict:
                 run.model,
                 run.tokenizer,
                 run.train,
+                fwd_hooks=hooks or [],
                 config=config,
                 batch_size=run.config.batch_size * pipeline.EVALUATION_BATCH_FACTOR,
             )
@@ -88,14 +100,21 @@ def main() -> None:
 
     # Untimed: the first call draws the candidates and checks the model's KV cache.
     timed_exposure(run, base)
+    cases = [("pruning", 0.0, []), ("nothing pruned", NOTHING_PRUNED, [])]
+    if args.neurons is not None:
+        neurons = PrivacyNeurons.load(args.neurons, model=run.model)
+        cases.append((f"{neurons.count} neurons ablated", 0.0, neurons.ablation_hooks()))
+
     rows, summary = [], {}
-    for case, tolerance in (("pruning", 0.0), ("nothing pruned", NOTHING_PRUNED)):
-        auto = timed_exposure(run, replace(base, tie_tolerance=tolerance))
-        level = timed_exposure(run, replace(base, tie_tolerance=tolerance, trie_mode="levels"))
+    for case, tolerance, hooks in cases:
+        auto = timed_exposure(run, replace(base, tie_tolerance=tolerance), hooks)
+        level = timed_exposure(
+            run, replace(base, tie_tolerance=tolerance, trie_mode="levels"), hooks
+        )
         differing = sum(a != b for a, b in zip(auto["ranks"], level["ranks"], strict=True))
         for mode, timing in (("level by level", level), ("auto (default)", auto)):
             rows.append([case, mode, f"{timing['seconds']:.1f}", timing["passes"], differing])
-        key = case.replace(" ", "_")
+        key = "ablated" if hooks else case.replace(" ", "_")
         summary[f"{key}_level_s"] = round(level["seconds"], 2)
         summary[f"{key}_auto_s"] = round(auto["seconds"], 2)
         summary[f"{key}_ratio"] = round(level["seconds"] / auto["seconds"], 3)
@@ -114,9 +133,9 @@ def main() -> None:
         "the items whose rank differs.\n\n"
         f"{table}\n\n"
         "Whole tries run all nodes below the surviving ones in passes of up to "
-        "`max_query_tokens` (2,048) nodes; level by level runs one pass or more per trie "
-        "level, and so pays the fixed cost of a pass (about 50 ms on SmolLM2) many times. "
-        "`auto` switches to whole tries where too little is pruned for that to pay."
+        "`max_query_tokens` (2,048) nodes. Level by level runs one pass or more per trie "
+        "level, so it pays the fixed cost of a pass many times. `auto` switches to whole "
+        "tries where too little is pruned for that to pay."
     )
     print(table)
     if not args.no_doc:

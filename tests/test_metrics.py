@@ -237,7 +237,7 @@ def _first_level_state(bound: float, first_token_score: float) -> _JobState:
         (-1.0, -5.0, False),
     ],
 )
-def test_auto_mode_runs_whole_tries_only_where_little_is_pruned(bound, first_token_score, whole):
+def test_auto_mode_whole_only_when_unpruned(bound, first_token_score, whole):
     scorer = _TrieScorer(None, None, None, {}, [], {}, {}, ExposureConfig())
     state = _first_level_state(bound, first_token_score)
 

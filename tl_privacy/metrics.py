@@ -295,22 +295,20 @@ class ExposureConfig:
         rows_per_pass: batch rows scored side by side in one forward pass.
         max_query_tokens: trie nodes run in one forward pass, over all its rows. Its logits
             take ``max_query_tokens * d_vocab`` floats (400 MB for 2,048 SmolLM2 nodes).
-        trie_mode: ``"levels"`` runs each trie level by level, pruning as it goes (one pass
-            or more per level); ``"whole"`` runs everything below the first level's
-            survivors in passes of up to ``max_query_tokens`` nodes, without further
-            pruning; ``"auto"`` switches a batch of rows from levels to whole tries at the
-            first level where that is predicted to be cheaper. Pruning pays where the model
-            prefers the true PII (a memorizing model); where little is pruned (a model
-            that finds the PII unlikely), the per-level passes cost more than the nodes
-            they skip. ``benchmarks/exposure.py`` times the modes on the demo's model.
+        trie_mode: how trie levels are grouped into passes. ``"levels"`` runs each trie
+            level by level and prunes as it goes, with one pass or more per level.
+            ``"whole"`` runs everything below the first level's survivors in passes of up
+            to ``max_query_tokens`` nodes, without further pruning. ``"auto"`` switches a
+            batch of rows from levels to whole tries at the first level where that is
+            predicted to be cheaper. Pruning pays where the model prefers the true PII (a
+            memorizing model). Where little is pruned (a model that finds the PII
+            unlikely), the per-level passes cost more than the nodes they skip.
         pass_cost_nodes: the fixed cost of one forward pass, in trie nodes, for ``"auto"``.
-            Level by level is predicted to run the nodes whose surviving ancestor's margin
-            over the bound covers their depth below it at the mean nats per token just
-            scored, plus one pass per level; whole tries run every node below the
-            survivors, in few passes. On the demo's SmolLM2 (2 CPU threads) 48 kept the
-            ablated learned set as fast as level by level (44.9 s against 42.7 s) and
-            halved the time where nothing is pruned (109 s against 204 s); 128 sent the
-            learned set to whole tries (55 s).
+            Level by level is predicted to run each node whose surviving ancestor is far
+            enough above the bound to cover the node's depth below it, at the mean nats
+            per token just scored, plus one pass per level. Whole tries run every node
+            below the survivors, in few passes. ``benchmarks/exposure.py`` times the modes
+            on the demo's model, with and without an ablated neuron set.
         use_kv_cache: score tries behind a KV cache where the model supports it.
         max_items_per_type: rank only the first this many items of each PII type (in
             record order), or all with None; the others get no rank. Exposure costs about
@@ -926,7 +924,7 @@ class _JobState:
 
 
 class _TrieScorer:
-    """Scores the candidate tries of the items of one record batch."""
+    """Scorer of the candidate tries of the PII items of one record batch."""
 
     def __init__(
         self,
@@ -1045,18 +1043,17 @@ class _TrieScorer:
             requests = [self._request(state, depth, whole) for state in states]
             for position, nodes, logits in runner.run(requests):
                 state = states[position]
+                children, log_probs = _child_log_probs(logits, state.job, nodes)
                 if state.whole_from is None:
-                    self._extend(state, nodes, _token_log_probs(logits, state.job, nodes))
+                    self._extend(state, children, log_probs)
                 else:
-                    state.edge[_children(state.job, nodes)] = _token_log_probs(
-                        logits, state.job, nodes
-                    )
+                    state.edge[children] = log_probs
             for state in states:
                 if state.whole_from == depth:
                     self._sum_whole(state, depth)
 
     def _whole_from_here(self, states: list[_JobState], depth: int) -> bool:
-        """Whether the group's jobs should run whole below level ``depth`` (see
+        """Return whether the group's jobs should run whole below level ``depth`` (see
         ``ExposureConfig.trie_mode`` and ``pass_cost_nodes``)."""
         mode = self.config.trie_mode
         if mode != "auto":
@@ -1100,7 +1097,7 @@ class _TrieScorer:
         true_nodes = alive[job.true_depth[alive] > 0]
         if len(true_nodes):
             rows = state.true_log_probs[job.true_depth[true_nodes]]
-            self._extend(state, true_nodes, _token_log_probs(rows, job, true_nodes, True))
+            self._extend(state, *_child_log_probs(rows, job, true_nodes, normalized=True))
         return alive[job.true_depth[alive] == 0]
 
     def _score_whole_candidates(self, state: _JobState) -> None:
@@ -1125,20 +1122,18 @@ class _TrieScorer:
                 state.cum[terminal] = -losses.sum()
 
     @staticmethod
-    def _extend(state: _JobState, parents: Tensor, child_log_probs: Tensor) -> None:
-        """Score the children of ``parents`` from their log-probabilities (in the order of
-        :func:`_children`)."""
+    def _extend(state: _JobState, children: Tensor, log_probs: Tensor) -> None:
+        """Score ``children`` from their parents' scores and their own log-probabilities."""
         job = state.job
-        children = _children(job, parents)
-        state.cum[children] = state.cum[job.parents[children]] + child_log_probs
+        state.cum[children] = state.cum[job.parents[children]] + log_probs
 
     @staticmethod
     def _sum_whole(state: _JobState, depth: int) -> None:
         """Sum the edge log-probabilities below level ``depth`` into path scores, top down.
 
-        Nodes below a pruned node keep -inf, as level-by-level scoring leaves them; nodes
-        that fall below the bound on the way get their real, lower score. Either way they
-        do not count as higher than the true PII.
+        Nodes below a pruned node keep -inf, as level-by-level scoring leaves them. Nodes
+        that fall below the bound on the way get their real, lower score. Neither counts
+        as higher than the true PII.
         """
         job = state.job
         for level in job.levels[depth:]:
@@ -1157,39 +1152,31 @@ _UNCACHED_TOKENS_PER_PASS = 4096
 """Tokens per forward pass when candidates are scored without a KV cache."""
 
 
-def _children(job: _TrieJob, parents: Tensor) -> Tensor:
-    """Return the children of ``parents``, grouped by parent in the order of ``parents``."""
-    order = torch.full((job.n_nodes,), -1, dtype=torch.long)
-    order[parents] = torch.arange(len(parents))
-    has_parent = job.parents >= 0
-    children = has_parent.nonzero().flatten()
-    children = children[order[job.parents[children]] >= 0]
-    return children[torch.argsort(order[job.parents[children]], stable=True)]
-
-
-def _token_log_probs(
+def _child_log_probs(
     logits: Float[Tensor, "n d_vocab"],
     job: _TrieJob,
     parents: Tensor,
     normalized: bool = False,
-) -> Float[Tensor, " n_children"]:
-    """Log-probability of each child token of ``parents`` (``logits`` row ``i`` belongs to
-    ``parents[i]``), in the order of :func:`_children`, as float32 on the CPU.
+) -> tuple[Int[Tensor, " n_children"], Float[Tensor, " n_children"]]:
+    """Return the children of ``parents`` and the log-probability of each child's token
+    (float32, on the CPU), where ``logits`` row ``i`` belongs to ``parents[i]``.
 
     Only the children's entries and each row's log-sum-exp are read, instead of writing a
     full log-softmax over the vocabulary. ``normalized`` rows are log-probabilities already
     (the true PII's rows) and are read as they are.
     """
-    children = _children(job, parents)
     row_of = torch.full((job.n_nodes,), -1, dtype=torch.long)
     row_of[parents] = torch.arange(len(parents))
+    children = (job.parents >= 0).nonzero().flatten()
+    children = children[row_of[job.parents[children]] >= 0]
+
     rows = row_of[job.parents[children]].to(logits.device)
     tokens = job.tokens[children].to(logits.device)
     logits = logits.float()
     if normalized:
-        return logits[rows, tokens].cpu()
+        return children, logits[rows, tokens].cpu()
     normalizer = torch.logsumexp(logits, dim=-1)
-    return (logits[rows, tokens] - normalizer[rows]).cpu()
+    return children, (logits[rows, tokens] - normalizer[rows]).cpu()
 
 
 def _subtree(job: _TrieJob, roots: Tensor) -> Tensor:
@@ -1208,10 +1195,10 @@ def _level_split(state: _JobState, depth: int) -> tuple[Tensor, Tensor, Tensor] 
     """Return what ``trie_mode="auto"`` reads at level ``depth`` of a job still run level by
     level, or None when the job is done or already whole.
 
-    Returns ``(steps, margins, below)``: the log-probabilities of the candidate tokens
-    scored at this level (nats, <= 0); each node's margin, the nats its level-``depth``
-    ancestor's score is above the bound (-inf off the survivors' subtrees); and the nodes
-    whole tries would run below the survivors.
+    Returns ``(steps, margins, below)``. ``steps`` are the log-probabilities (nats, <= 0) of
+    the candidate tokens scored at this level. ``margins[n]`` is how many nats the score of
+    node ``n``'s level-``depth`` ancestor is above the bound (-inf off the survivors'
+    subtrees). ``below`` are the nodes that whole tries would run below the survivors.
     """
     job = state.job
     if state.whole_from is not None or depth >= len(job.levels):
@@ -1363,7 +1350,10 @@ class _CachedRunner:
                 break
             cols = state.cols[ancestors[has]]
             if (cols < 0).any():
-                raise RuntimeError("a trie node was run before one of its ancestors")
+                raise RuntimeError(
+                    "internal error in exposure scoring: a trie node was queued before one of "
+                    "its ancestors; please report it with the model and ExposureConfig"
+                )
             visible[row, queries[has], cols] = True
             ancestors = torch.where(has, job.parents[ancestors.clamp_min(0)], ancestors)
 
