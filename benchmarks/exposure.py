@@ -33,6 +33,7 @@ import torch
 from _markdown import markdown_table, write_section
 
 from tl_privacy import pipeline
+from tl_privacy.allocator import keep_freed_memory
 from tl_privacy.metrics import ExposureConfig, exposure_scores
 from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.precision import autocast
@@ -144,4 +145,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # The allocator settings of the tl-privacy command, so that the times match its runs.
+    keep_freed_memory()
     main()

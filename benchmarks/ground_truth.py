@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from _markdown import markdown_table, write_section
 
+from tl_privacy.allocator import keep_freed_memory
 from tl_privacy.baselines import BaselineConfig
 from tl_privacy.data.general import general_text
 from tl_privacy.data.synthetic import PIICorpus, SyntheticCorpusConfig, generate_corpus
@@ -515,4 +516,6 @@ def percent(fraction: float) -> str:
 
 
 if __name__ == "__main__":
+    # The allocator settings of the tl-privacy command, so that the times match its runs.
+    keep_freed_memory()
     main()

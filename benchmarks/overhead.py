@@ -27,6 +27,7 @@ import torch
 from _markdown import markdown_table, write_section
 
 from tl_privacy import HardConcreteMask
+from tl_privacy.allocator import keep_freed_memory
 from tl_privacy.hooks import attached, mlp_post_name
 from tl_privacy.localization import frozen
 from tl_privacy.models import load_model
@@ -143,4 +144,6 @@ def write_doc(args: argparse.Namespace, medians: dict[str, float], summary: dict
 
 
 if __name__ == "__main__":
+    # The allocator settings of the tl-privacy command, so that the times match its runs.
+    keep_freed_memory()
     main()

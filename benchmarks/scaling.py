@@ -39,6 +39,7 @@ import torch
 from _markdown import DOC, markdown_table, write_section
 from jaxtyping import Bool, Int
 
+from tl_privacy.allocator import keep_freed_memory
 from tl_privacy.localization import LocalizationConfig, Localizer
 
 logger = logging.getLogger("tl_privacy")
@@ -487,4 +488,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # The allocator settings of the tl-privacy command, so that the times match its runs.
+    keep_freed_memory()
     main()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tl_privacy import cli
 from tl_privacy.cache import CACHE_ENV
 from tl_privacy.cli import main
 from tl_privacy.data.records import load_records
@@ -414,3 +415,20 @@ def test_localize_model_folder(tiny_llama_folder, tmp_path, capsys):
     assert results["model"]["n_layers"] == 2
     assert "memorize" not in results["timing"]
     assert PrivacyNeurons.load(out / "neurons").d_mlp == results["model"]["d_mlp"]
+
+
+@pytest.mark.parametrize(("setting", "applied"), [(None, True), ("1", True), ("0", False)])
+def test_console_script_tunes_the_allocator_unless_told_not_to(monkeypatch, setting, applied):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    if setting is None:
+        monkeypatch.delenv(cli.KEEP_FREED_MEMORY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cli.KEEP_FREED_MEMORY_ENV, setting)
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.console_main()
+
+    assert stopped.value.code == 0
+    assert calls == ([True] if applied else [])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
+from tl_privacy.allocator import keep_freed_memory
 from tl_privacy.pipeline import (
     BASELINE_METHODS,
     DEFAULT_CANDIDATES,
@@ -39,6 +41,7 @@ from tl_privacy.redact import RedactingFilter, Redactor
 LOGGER_NAME = "tl_privacy"
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130
+KEEP_FREED_MEMORY_ENV = "TL_PRIVACY_KEEP_FREED_MEMORY"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -431,5 +434,18 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> NoReturn:
+    """Entry point of the ``tl-privacy`` console script: tune the allocator, run, exit.
+
+    The allocator settings (:func:`tl_privacy.allocator.keep_freed_memory`) are process-wide,
+    so they are applied here, in a process of our own, and not by :func:`main`, which tests
+    and notebooks call in theirs. ``TL_PRIVACY_KEEP_FREED_MEMORY=0`` in the environment
+    leaves the allocator as it is.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") != "0":
+        keep_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
