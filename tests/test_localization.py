@@ -7,7 +7,7 @@ import torch
 
 from tests._memorized import PII_END, PII_START, make_tiny_model
 from tl_privacy import LocalizationConfig, localize
-from tl_privacy.localization import Localizer, as_batches
+from tl_privacy.localization import Localizer, ReferenceCache, as_batches
 from tl_privacy.objectives import (
     pii_runs,
     pii_suppression_loss,
@@ -181,6 +181,34 @@ def test_type_restriction(model, batch):
         localize(model, other_type, quick(pii_types=("PHONE",)))
     neurons = localize(model, batch, quick(pii_types=("PHONE",)))
     assert neurons.pii_types == ("PHONE",)
+
+
+def test_shared_reference_cache_skips_reference_passes(model, batch):
+    references = ReferenceCache()
+    batches = as_batches(batch, 4, torch.device("cpu"))
+    alone = localize(model, batches, quick(selection="budget"))
+    first = localize(model, batches, quick(selection="budget"), references=references)
+    second = localize(
+        model, batches, quick(selection="budget", pii_types=("PHONE",)), references=references
+    )
+
+    # Two batches: each run without a filled cache spends one reference pass per batch.
+    assert alone.stats["forward_passes"] == 6 + 2
+    assert first.stats["forward_passes"] == 6 + 2
+    assert second.stats["forward_passes"] == 6
+    assert sorted(references.entries) == [0, 1]
+    assert torch.equal(first.scores, alone.scores)
+
+
+def test_reference_cache_refuses_another_model(model, batch):
+    references = ReferenceCache()
+    localize(model, batch, quick(precision="float32"), references=references)
+    other = make_tiny_model(d_mlp=64, seed=1)
+
+    with pytest.raises(ValueError, match="another model or precision"):
+        localize(other, batch, quick(precision="float32"), references=references)
+    with pytest.raises(ValueError, match="another model or precision"):
+        localize(model, batch, quick(precision="bfloat16"), references=references)
 
 
 def test_pii_runs_numbers_strings():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -45,7 +45,7 @@ from tl_privacy.objectives import (
     reference_log_probs,
     shifted_targets,
 )
-from tl_privacy.precision import autocast
+from tl_privacy.precision import autocast, resolve_precision
 
 logger = logging.getLogger("tl_privacy")
 
@@ -277,15 +277,40 @@ def frozen(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-class _ReferenceCache:
-    """The unmasked model's log-probabilities at keep positions, cached per batch while they fit."""
+class ReferenceCache:
+    """The unmasked model's log-probabilities at the keep positions, by batch position.
 
-    def __init__(self, limit_mb: float) -> None:
+    Each entry is computed on first use and kept in float16 while the cache is under
+    ``limit_mb``; past that, entries are recomputed on every use. The entries depend only on
+    the model's weights, the batch and the precision, not on the gates or on
+    ``pii_types`` (the keep positions are the non-PII tokens of every type), so one cache
+    can serve several runs over the same batches in the same order: the demo shares one
+    between its main localization and the per-type runs.
+
+    A cache remembers the model and precision of its first use and refuses others. It
+    cannot see a change of the weights themselves: make a new cache after training the
+    model further.
+    """
+
+    def __init__(self, limit_mb: float = 1024.0) -> None:
         self.limit_bytes = limit_mb * 2**20
         self.used_bytes = 0.0
         self.entries: dict[int, torch.Tensor] = {}
+        self._owner: tuple[int, str] | None = None
 
-    def get(self, index: int, compute) -> torch.Tensor:
+    def bind(self, model: Any, precision: str) -> None:
+        """Tie the cache to ``model`` and the resolved ``precision``, or check that it is."""
+        owner = (id(model), precision)
+        if self._owner is None:
+            self._owner = owner
+        elif self._owner != owner:
+            raise ValueError(
+                "this ReferenceCache holds log-probabilities of another model or precision "
+                f"(precision {self._owner[1]!r}, now {precision!r}); pass a new ReferenceCache"
+            )
+
+    def get(self, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Return the entry of batch ``index``, computing it with ``compute()`` if absent."""
         if index in self.entries:
             return self.entries[index]
         value = compute()
@@ -304,13 +329,22 @@ class Localizer:
     the model is frozen and in eval mode and the gate hooks are attached; on exit
     all of that is undone, also when a step raises.
 
+    ``references`` shares the unmasked model's predictions with other runs over the same
+    batches (see :class:`ReferenceCache`); by default each localizer has its own cache of
+    ``config.reference_cache_mb``.
+
     Attributes:
         mask: the :class:`HardConcreteMask` being trained.
         history: per-step values of the loss terms.
         passes: model forward and backward passes so far.
     """
 
-    def __init__(self, model: Any, config: LocalizationConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: LocalizationConfig | None = None,
+        references: ReferenceCache | None = None,
+    ) -> None:
         self.model = model
         self.config = config or LocalizationConfig()
         self.n_layers, self.d_mlp = check_model(model)
@@ -331,7 +365,10 @@ class Localizer:
         self.passes = {"forward": 0, "backward": 0}
         self.multiplier = 0.0
         self._budget_scale = float(self.budget or max(1, self.n_neurons // 100))
-        self._references = _ReferenceCache(self.config.reference_cache_mb)
+        if references is None:
+            references = ReferenceCache(self.config.reference_cache_mb)
+        self._references = references
+        self._references.bind(model, resolve_precision(model, self.config.precision))
         self._exit_stack: ExitStack | None = None
         self._data: list[Batch] = []
 
@@ -522,6 +559,7 @@ def localize(
     config: LocalizationConfig | None = None,
     *,
     model_name: str | None = None,
+    references: ReferenceCache | None = None,
 ) -> PrivacyNeurons:
     """Localize the MLP neurons that hold the PII in ``batches`` by training hard-concrete gates.
 
@@ -533,6 +571,8 @@ def localize(
             whole tensors to split into batches.
         config: settings; defaults to :class:`LocalizationConfig()`.
         model_name: stored with the result; defaults to ``model.cfg.model_name``.
+        references: the unmasked model's keep-position predictions, shared with other runs
+            over the same batches (see :class:`ReferenceCache`); None computes them anew.
 
     Returns:
         The neurons whose gates closed, with ``scores = -log_alpha``, the gate
@@ -541,7 +581,7 @@ def localize(
         The model's parameters, their ``requires_grad`` and its train/eval mode are
         as they were before the call, and no hook stays attached.
     """
-    neurons = Localizer(model, config).run(batches)
+    neurons = Localizer(model, config, references).run(batches)
     if model_name is not None:
         neurons.model_name = model_name
     neurons.model_fingerprint = model_fingerprint(model)

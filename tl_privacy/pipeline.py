@@ -375,6 +375,9 @@ class Run:
     items: list[PIIItem] = field(default_factory=list)
     neurons: PrivacyNeurons | None = None
     localization_config: Any = None
+    # The unmasked model's keep-position predictions on [*batches, *keep_batches], shared by
+    # the main localization and the per-type runs of the specificity stage.
+    references: Any = None
     evaluations: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
 
@@ -578,7 +581,7 @@ def keep_pieces(text: str, max_words: int = KEEP_PIECE_WORDS) -> list[str]:
 
 def localize_neurons(run: Run) -> None:
     """Train the hard-concrete gates and select the set, at most ``budget`` of all neurons."""
-    from tl_privacy.localization import LocalizationConfig, localize
+    from tl_privacy.localization import LocalizationConfig, ReferenceCache, localize
 
     config = run.config
     with run.stage("localize") as stage:
@@ -592,8 +595,11 @@ def localize_neurons(run: Run) -> None:
             show_progress=config.show_progress,
         )
         run.localization_config = settings
+        run.references = ReferenceCache(settings.reference_cache_mb)
         data = [*run.batches, *run.keep_batches]
-        run.neurons = localize(run.model, data, settings, model_name=run.model_name)
+        run.neurons = localize(
+            run.model, data, settings, model_name=run.model_name, references=run.references
+        )
         stage.summary(
             f"{run.neurons.count} privacy neurons ({run.neurons.fraction:.3%} of all), "
             f"by layer {run.neurons.by_layer()}"
@@ -772,7 +778,11 @@ def measure_specificity(run: Run) -> None:
         for pii_type in progress:
             progress.set_postfix(type=pii_type)
             data = [*run.batches, *run.keep_batches]
-            sets.update(localize_by_type(run.model, data, settings, types=[pii_type]))
+            sets.update(
+                localize_by_type(
+                    run.model, data, settings, types=[pii_type], references=run.references
+                )
+            )
         with autocast(run.model, config.precision):
             cross = cross_ablation_teacher_forced(run.model, run.tokenizer, run.train, sets)
         counts = {name: neurons.count for name, neurons in sets.items()}

@@ -25,7 +25,7 @@ import torch
 from tl_privacy.data.records import PIIRecord
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items
 from tl_privacy.extraction import ExtractionResult, extraction_scores
-from tl_privacy.localization import BatchSource, LocalizationConfig, localize
+from tl_privacy.localization import BatchSource, LocalizationConfig, ReferenceCache, localize
 from tl_privacy.neurons import PrivacyNeurons
 
 
@@ -34,6 +34,7 @@ def localize_by_type(
     batches: BatchSource,
     config: LocalizationConfig | None = None,
     types: Sequence[str] | None = None,
+    references: ReferenceCache | None = None,
 ) -> dict[str, PrivacyNeurons]:
     """Localize one neuron set per PII type with ``localize(..., pii_types=(type,))``.
 
@@ -42,6 +43,10 @@ def localize_by_type(
         config: localization settings shared by every type; its ``pii_types`` is replaced.
         types: the types to localize; defaults to those with PII tokens in ``batches``, in
             the order of ``config.type_names``.
+        references: the unmasked model's keep-position predictions on ``batches``. The
+            types share them in any case; pass the cache of an earlier run over the same
+            batches (see :class:`tl_privacy.localization.ReferenceCache`) to share them
+            with that run too.
     """
     config = config or LocalizationConfig()
     batch_list = [batches] if isinstance(batches, Mapping) else list(batches)
@@ -49,8 +54,15 @@ def localize_by_type(
         types = _types_present(batch_list, config.type_names)
     if not types:
         raise ValueError("localize_by_type found no PII types to localize; pass types.")
+    if references is None:
+        references = ReferenceCache(config.reference_cache_mb)
     return {
-        pii_type: localize(model, batch_list, dataclasses.replace(config, pii_types=(pii_type,)))
+        pii_type: localize(
+            model,
+            batch_list,
+            dataclasses.replace(config, pii_types=(pii_type,)),
+            references=references,
+        )
         for pii_type in types
     }
 
