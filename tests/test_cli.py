@@ -418,7 +418,7 @@ def test_localize_model_folder(tiny_llama_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("setting", "applied"), [(None, True), ("1", True), ("0", False)])
-def test_console_script_tunes_the_allocator_unless_told_not_to(monkeypatch, setting, applied):
+def test_console_script_allocator_setting(monkeypatch, setting, applied):
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True) or True)
     monkeypatch.setattr(cli, "main", lambda: 0)

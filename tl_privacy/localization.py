@@ -287,7 +287,7 @@ class ReferenceCache:
     can serve several runs over the same batches in the same order: the demo shares one
     between its main localization and the per-type runs.
 
-    A cache remembers the model and precision of its first use and refuses others. It
+    A cache remembers the model and precision of its first use and rejects others. It
     cannot see a change of the weights themselves: make a new cache after training the
     model further.
     """
@@ -305,8 +305,9 @@ class ReferenceCache:
             self._owner = owner
         elif self._owner != owner:
             raise ValueError(
-                "this ReferenceCache holds log-probabilities of another model or precision "
-                f"(precision {self._owner[1]!r}, now {precision!r}); pass a new ReferenceCache"
+                "this ReferenceCache contains log-probabilities of another model or precision "
+                f"(cached with precision {self._owner[1]!r}, requested {precision!r}). "
+                "Pass a new ReferenceCache."
             )
 
     def get(self, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -544,9 +544,9 @@ def prepare_batches(run: Run) -> None:
         )
         run.keep_batches = []
         if run.config.keep_text:
-            # Longest first, so that each batch holds pieces of similar length: in text
-            # order a batch pads to its longest piece: the demo's keep batches held 1,380
-            # tokens in 1,864 positions in text order, and in 1,568 sorted.
+            # Longest first, so that each batch contains pieces of similar length. In text
+            # order each batch pads to its longest piece: the demo's keep batches had 1,380
+            # tokens in 1,864 positions that way, and in 1,568 sorted.
             texts = keep_pieces(keep_text())
             lengths = [len(run.tokenizer(text)["input_ids"]) for text in texts]
             order = sorted(range(len(texts)), key=lambda i: -lengths[i])
