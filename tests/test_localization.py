@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -186,29 +188,56 @@ def test_type_restriction(model, batch):
 def test_shared_reference_cache_skips_reference_passes(model, batch):
     references = ReferenceCache()
     batches = as_batches(batch, 4, torch.device("cpu"))
-    alone = localize(model, batches, quick(selection="budget"))
-    first = localize(model, batches, quick(selection="budget"), references=references)
-    second = localize(
-        model, batches, quick(selection="budget", pii_types=("PHONE",)), references=references
-    )
+    config = quick(selection="budget", precision="float32")
+    alone = localize(model, batches, config)
+    first = localize(model, batches, config, references=references)
+    phone = dataclasses.replace(config, pii_types=("PHONE",))
+    shared = localize(model, batches, phone, references=references)
+    unshared = localize(model, batches, phone)
 
     # Two batches: each run without a filled cache spends one reference pass per batch.
     assert alone.stats["forward_passes"] == 6 + 2
     assert first.stats["forward_passes"] == 6 + 2
-    assert second.stats["forward_passes"] == 6
+    assert shared.stats["forward_passes"] == 6
+    assert unshared.stats["forward_passes"] == 6 + 2
     assert sorted(references.entries) == [0, 1]
     assert torch.equal(first.scores, alone.scores)
+    # The shared entries are float16 copies, so the scores move only by rounding.
+    assert torch.allclose(shared.scores, unshared.scores, atol=1e-2)
+    assert torch.equal(shared.mask, unshared.mask)
 
 
-def test_reference_cache_refuses_another_model(model, batch):
+def test_reference_cache_rejects_another_model(model, batch):
     references = ReferenceCache()
     localize(model, batch, quick(precision="float32"), references=references)
     other = make_tiny_model(d_mlp=64, seed=1)
 
-    with pytest.raises(ValueError, match="another model or precision"):
+    with pytest.raises(ValueError, match="filled by another model"):
         localize(other, batch, quick(precision="float32"), references=references)
-    with pytest.raises(ValueError, match="another model or precision"):
+    with pytest.raises(ValueError, match="filled at precision 'float32', not 'bfloat16'"):
         localize(model, batch, quick(precision="bfloat16"), references=references)
+
+
+def test_reference_cache_rejects_other_batches(model, batch):
+    references = ReferenceCache()
+    localize(model, batch, quick(precision="float32"), references=references)
+    shuffled = {key: value.flip(0) for key, value in batch.items()}
+
+    with pytest.raises(ValueError, match="batch 0 differs"):
+        localize(model, shuffled, quick(precision="float32"), references=references)
+
+
+def test_reference_cache_binds_on_first_lookup(model, batch):
+    references = ReferenceCache()
+    no_pii = {**batch, "pii_mask": torch.zeros_like(batch["pii_mask"])}
+    with pytest.raises(ValueError, match="No batch has a PII token"):
+        localize(model, no_pii, quick(), references=references)
+    localize(model, batch, quick(keep_loss="ce"), references=references)
+    other = make_tiny_model(d_mlp=64, seed=1)
+
+    localize(other, batch, quick(), references=references)
+
+    assert sorted(references.entries) == [0]
 
 
 def test_pii_runs_numbers_strings():

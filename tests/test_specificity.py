@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from tl_privacy.data.tokenization import make_batches, pii_items
 from tl_privacy.extraction import extraction_scores
-from tl_privacy.localization import LocalizationConfig
+from tl_privacy.localization import LocalizationConfig, ReferenceCache, localize
 from tl_privacy.neurons import PrivacyNeurons
 from tl_privacy.specificity import (
     cross_ablation,
@@ -52,6 +53,21 @@ def test_localize_by_type_default_types(tiny_model, tiny_tokenizer, synthetic_co
     batches = make_batches(tiny_tokenizer, synthetic_corpus.train[:2], batch_size=2)
     sets = localize_by_type(tiny_model, batches, QUICK)
     assert list(sets) == ["EMAIL", "PHONE", "NAME", "ADDRESS"]
+
+
+def test_localize_by_type_shares_references_of_one_dict(
+    tiny_model, tiny_tokenizer, synthetic_corpus
+):
+    """A dict of whole tensors is split by batch_size in every run, so the cache matches."""
+    whole = make_batches(tiny_tokenizer, synthetic_corpus.train[:4], batch_size=4)[0]
+    config = dataclasses.replace(QUICK, batch_size=2, selection="budget")
+    references = ReferenceCache()
+    localize(tiny_model, whole, config, references=references)
+
+    sets = localize_by_type(tiny_model, whole, config, types=("PHONE",), references=references)
+
+    assert sorted(references.entries) == [0, 1]
+    assert sets["PHONE"].stats["forward_passes"] == config.steps
 
 
 def test_cross_ablation_matrix(memorized_tiny):

@@ -280,47 +280,84 @@ def frozen(model: Any) -> Iterator[None]:
 class ReferenceCache:
     """The unmasked model's log-probabilities at the keep positions, by batch position.
 
-    Each entry is computed on first use and kept in float16 while the cache is under
-    ``limit_mb``; past that, entries are recomputed on every use. The entries depend only on
-    the model's weights, the batch and the precision, not on the gates or on
-    ``pii_types`` (the keep positions are the non-PII tokens of every type), so one cache
-    can serve several runs over the same batches in the same order: the demo shares one
-    between its main localization and the per-type runs.
+    Each entry is computed on first use and kept in float16 if it fits in ``limit_mb``. An
+    entry that does not fit is recomputed on every use. The entries depend only on the
+    model's weights, the batch and the precision, not on the gates or on ``pii_types``,
+    because the keep positions are the non-PII tokens of every type. One cache can
+    therefore serve several runs over the same batches in the same order: the demo shares
+    one between its main localization and the per-type runs.
 
-    A cache remembers the model and precision of its first use and rejects others. It
-    cannot see a change of the weights themselves: make a new cache after training the
-    model further.
+    The cache binds to the model and precision of its first lookup and raises ValueError
+    for others. It also raises when a batch differs from the one its entry was computed
+    on. It cannot see a change of the weights themselves: make a new cache after training
+    the model further.
     """
 
     def __init__(self, limit_mb: float = 1024.0) -> None:
         self.limit_bytes = limit_mb * 2**20
         self.used_bytes = 0.0
         self.entries: dict[int, torch.Tensor] = {}
-        self._owner: tuple[int, str] | None = None
+        # The tensors that decide each entry: its batch's tokens, padding and PII positions.
+        self._batches: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._model_id: int | None = None
+        self._precision: str | None = None
 
-    def bind(self, model: Any, precision: str) -> None:
-        """Tie the cache to ``model`` and the resolved ``precision``, or check that it is."""
-        owner = (id(model), precision)
-        if self._owner is None:
-            self._owner = owner
-        elif self._owner != owner:
-            raise ValueError(
-                "this ReferenceCache contains log-probabilities of another model or precision "
-                f"(cached with precision {self._owner[1]!r}, requested {precision!r}). "
-                "Pass a new ReferenceCache."
-            )
+    def get(
+        self,
+        index: int,
+        batch: Batch,
+        compute: Callable[[], torch.Tensor],
+        *,
+        model: Any,
+        precision: str,
+    ) -> torch.Tensor:
+        """Return the entry of batch ``index``, computing it with ``compute()`` if absent.
 
-    def get(self, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Return the entry of batch ``index``, computing it with ``compute()`` if absent."""
+        ``precision`` is the resolved one (``"bfloat16"`` or ``"float32"``).
+        """
+        self._bind(model, precision)
         if index in self.entries:
+            self._check_batch(index, batch)
             return self.entries[index]
+
         value = compute()
         # float16 halves the memory; log-probabilities keep about 3 significant digits.
         size = value.numel() * 2
         if self.used_bytes + size <= self.limit_bytes:
             self.entries[index] = value.to(torch.float16)
+            self._batches[index] = _batch_signature(batch)
             self.used_bytes += size
         return value
+
+    def _bind(self, model: Any, precision: str) -> None:
+        if self._model_id is None:
+            self._model_id, self._precision = id(model), precision
+            return
+        if self._model_id != id(model):
+            raise ValueError(
+                "this ReferenceCache was filled by another model. Pass a new ReferenceCache "
+                "for each model."
+            )
+        if self._precision != precision:
+            raise ValueError(
+                f"this ReferenceCache was filled at precision {self._precision!r}, not "
+                f"{precision!r}. Pass a new ReferenceCache or the same precision."
+            )
+
+    def _check_batch(self, index: int, batch: Batch) -> None:
+        current = _batch_signature(batch)
+        stored = self._batches[index]
+        if not all(torch.equal(a, b) for a, b in zip(stored, current, strict=True)):
+            raise ValueError(
+                f"batch {index} differs from the batch this ReferenceCache computed its entry "
+                "on. Pass the same batches in the same order, or a new ReferenceCache."
+            )
+
+
+def _batch_signature(batch: Batch) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        batch[key].detach().cpu().clone() for key in ("input_ids", "attention_mask", "pii_mask")
+    )
 
 
 class Localizer:
@@ -369,7 +406,6 @@ class Localizer:
         if references is None:
             references = ReferenceCache(self.config.reference_cache_mb)
         self._references = references
-        self._references.bind(model, resolve_precision(model, self.config.precision))
         self._exit_stack: ExitStack | None = None
         self._data: list[Batch] = []
 
@@ -408,7 +444,8 @@ class Localizer:
                 logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
             return reference_log_probs(logits, batch)
 
-        return self._references.get(key, compute)
+        precision = resolve_precision(self.model, self.config.precision)
+        return self._references.get(key, batch, compute, model=self.model, precision=precision)
 
     def _autocast(self):
         return autocast(self.model, self.config.precision)

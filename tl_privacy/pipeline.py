@@ -375,8 +375,8 @@ class Run:
     items: list[PIIItem] = field(default_factory=list)
     neurons: PrivacyNeurons | None = None
     localization_config: Any = None
-    # The unmasked model's keep-position predictions on [*batches, *keep_batches], shared by
-    # the main localization and the per-type runs of the specificity stage.
+    # The unmasked model's keep-position predictions on [*batches, *keep_batches], kept from
+    # the main localization for the per-type runs of the specificity stage, then freed.
     references: Any = None
     evaluations: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
@@ -601,11 +601,16 @@ def localize_neurons(run: Run) -> None:
             show_progress=config.show_progress,
         )
         run.localization_config = settings
-        run.references = ReferenceCache(settings.reference_cache_mb)
+        references = ReferenceCache(settings.reference_cache_mb)
         data = [*run.batches, *run.keep_batches]
         run.neurons = localize(
-            run.model, data, settings, model_name=run.model_name, references=run.references
+            run.model, data, settings, model_name=run.model_name, references=references
         )
+        # Only the demo's specificity stage reads the references again. They take keep
+        # positions x vocabulary x 2 bytes (96 KiB per position on SmolLM2), so other runs
+        # free them here.
+        if run.command == "demo" and config.specificity:
+            run.references = references
         stage.summary(
             f"{run.neurons.count} privacy neurons ({run.neurons.fraction:.3%} of all), "
             f"by layer {run.neurons.by_layer()}"
@@ -789,6 +794,7 @@ def measure_specificity(run: Run) -> None:
                     run.model, data, settings, types=[pii_type], references=run.references
                 )
             )
+        run.references = None
         with autocast(run.model, config.precision):
             cross = cross_ablation_teacher_forced(run.model, run.tokenizer, run.train, sets)
         counts = {name: neurons.count for name, neurons in sets.items()}

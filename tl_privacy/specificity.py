@@ -56,10 +56,13 @@ def localize_by_type(
         raise ValueError("localize_by_type found no PII types to localize; pass types.")
     if references is None:
         references = ReferenceCache(config.reference_cache_mb)
+    # A dict of whole tensors goes to localize as it is, so that every run splits it by
+    # batch_size into the same batches, which the shared references are keyed by.
+    source = batches if isinstance(batches, Mapping) else batch_list
     return {
         pii_type: localize(
             model,
-            batch_list,
+            source,
             dataclasses.replace(config, pii_types=(pii_type,)),
             references=references,
         )
