@@ -18,6 +18,7 @@ MODULES = [
     ("tl_privacy.models", "Loading and building models"),
     ("tl_privacy.memorize", "Memorization fine-tune"),
     ("tl_privacy.precision", "bfloat16 autocast"),
+    ("tl_privacy.allocator", "Allocator settings for CPU runs"),
     ("tl_privacy.extraction", "Greedy extraction"),
     ("tl_privacy.data.records", "Records"),
     ("tl_privacy.data.labelling", "Automatic labels"),
