@@ -44,7 +44,7 @@ def localize_by_type(
         types: the types to localize; defaults to those with PII tokens in ``batches``, in
             the order of ``config.type_names``.
         references: the unmasked model's keep-position predictions on ``batches``. The
-            types share them in any case; pass the cache of an earlier run over the same
+            types share them in any case. Pass the cache of an earlier run over the same
             batches (see :class:`tl_privacy.localization.ReferenceCache`) to share them
             with that run too.
     """
