@@ -227,6 +227,11 @@ def test_reference_cache_rejects_other_batches(model, batch):
         localize(model, shuffled, quick(precision="float32"), references=references)
 
 
+def test_reference_cache_rejects_negative_limit():
+    with pytest.raises(ValueError, match="limit_mb must be >= 0"):
+        ReferenceCache(limit_mb=-1)
+
+
 def test_reference_cache_binds_on_first_lookup(model, batch):
     references = ReferenceCache()
     no_pii = {**batch, "pii_mask": torch.zeros_like(batch["pii_mask"])}

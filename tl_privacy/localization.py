@@ -277,6 +277,10 @@ def frozen(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+# The batch tensors that decide a reference entry: its tokens, padding and PII positions.
+_BATCH_KEYS = ("input_ids", "attention_mask", "pii_mask")
+
+
 class ReferenceCache:
     """The unmasked model's log-probabilities at the keep positions, by batch position.
 
@@ -294,11 +298,13 @@ class ReferenceCache:
     """
 
     def __init__(self, limit_mb: float = 1024.0) -> None:
+        if not limit_mb >= 0:
+            raise ValueError(f"limit_mb must be >= 0 (MiB), got {limit_mb}.")
         self.limit_bytes = limit_mb * 2**20
         self.used_bytes = 0.0
         self.entries: dict[int, torch.Tensor] = {}
-        # The tensors that decide each entry: its batch's tokens, padding and PII positions.
-        self._batches: dict[int, tuple[torch.Tensor, ...]] = {}
+        # CPU copies of each stored entry's batch tensors, to check later lookups against.
+        self._batches: dict[int, dict[str, torch.Tensor]] = {}
         self._model_id: int | None = None
         self._precision: str | None = None
 
@@ -325,7 +331,7 @@ class ReferenceCache:
         size = value.numel() * 2
         if self.used_bytes + size <= self.limit_bytes:
             self.entries[index] = value.to(torch.float16)
-            self._batches[index] = _batch_signature(batch)
+            self._batches[index] = {key: batch[key].detach().cpu().clone() for key in _BATCH_KEYS}
             self.used_bytes += size
         return value
 
@@ -345,19 +351,12 @@ class ReferenceCache:
             )
 
     def _check_batch(self, index: int, batch: Batch) -> None:
-        current = _batch_signature(batch)
         stored = self._batches[index]
-        if not all(torch.equal(a, b) for a, b in zip(stored, current, strict=True)):
+        if not all(torch.equal(stored[key], batch[key].detach().cpu()) for key in _BATCH_KEYS):
             raise ValueError(
                 f"batch {index} differs from the batch this ReferenceCache computed its entry "
                 "on. Pass the same batches in the same order, or a new ReferenceCache."
             )
-
-
-def _batch_signature(batch: Batch) -> tuple[torch.Tensor, ...]:
-    return tuple(
-        batch[key].detach().cpu().clone() for key in ("input_ids", "attention_mask", "pii_mask")
-    )
 
 
 class Localizer:
