@@ -16,6 +16,7 @@ from tl_privacy.objectives import (
     selected_log_probs,
     token_log_probs,
 )
+from tl_privacy.precision import autocast
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,35 @@ def quick(**kwargs) -> LocalizationConfig:
     return LocalizationConfig(**{"steps": 6, "show_progress": False, "budget": 0.1, **kwargs})
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("keep", ["kl", "ce"])
-def test_one_step_trains_only_log_alpha(model, batch, keep):
-    with Localizer(model, quick(keep_loss=keep)) as localizer:
+def test_one_step_trains_only_log_alpha(model, batch, keep, precision):
+    with Localizer(model, quick(keep_loss=keep, precision=precision)) as localizer:
         localizer.step(batch)
         grad = localizer.mask.log_alpha.grad
 
         assert torch.isfinite(grad).all()
         assert grad.abs().sum() > 0
         assert all(param.grad is None for param in model.parameters())
-        assert all(not param.requires_grad for param in model.parameters())
+        # Under bfloat16 the weights require grad so that autocast casts them once per run
+        # (see weights_cast_once); they still get no gradient.
+        flags = {param.requires_grad for param in model.parameters()}
+        assert flags == ({True} if precision == "bfloat16" else {False})
+
+
+def test_casting_weights_once_changes_no_gate(model, batch, monkeypatch):
+    config = quick(steps=8, precision="bfloat16")
+    cast_once = localize(model, batch, config)
+
+    # The casts autocast makes on every pass give the same bfloat16 weights.
+    monkeypatch.setattr(
+        "tl_privacy.localization.weights_cast_once",
+        lambda model, precision: autocast(model, precision),
+    )
+    per_pass = localize(model, batch, config)
+
+    assert torch.equal(cast_once.scores, per_pass.scores)
+    assert torch.equal(cast_once.mask, per_pass.mask)
 
 
 def test_model_state_restored(model, batch):

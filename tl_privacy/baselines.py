@@ -54,7 +54,7 @@ from tl_privacy.objectives import (
     selected_log_probs,
     shifted_targets,
 )
-from tl_privacy.precision import autocast
+from tl_privacy.precision import weights_cast_once
 
 logger = logging.getLogger("tl_privacy")
 
@@ -236,7 +236,7 @@ def score(
 
     passes = PassCounter()
     started = time.perf_counter()
-    with autocast(model, config.precision):
+    with weights_cast_once(model, config.precision):
         scores = SCORERS[method](model, data, config, seed, scale, passes)
     stats = {
         "wall_time_s": time.perf_counter() - started,
@@ -350,7 +350,7 @@ def integrated_gradients_scores(
         disable=not config.show_progress,
     )
 
-    with frozen(model):
+    with frozen(model), weights_cast_once(model, config.precision):
         for batch in batches:
             _, pii, _ = shifted_targets(batch)
             n_positions += int(pii.sum())
@@ -469,7 +469,7 @@ def slimming_scores(
 
     hooks = [(mlp_post_name(layer), scale_neurons(layer)) for layer in range(n_layers)]
     progress = tqdm(range(config.slimming_steps), desc="slimming", disable=not config.show_progress)
-    with frozen(model), attached(model, hooks):
+    with frozen(model), weights_cast_once(model, config.precision), attached(model, hooks):
         for step in progress:
             index = step % len(data)
             batch = data[index]
@@ -483,7 +483,8 @@ def slimming_scores(
 
             loss = pii_term + config.keep_weight * keep_term + l1_term
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Only the coefficients: the weights may require grad here (weights_cast_once).
+            loss.backward(inputs=[coefficients])
             optimizer.step()
             with torch.no_grad():
                 coefficients.clamp_(0.0, 1.0)

@@ -33,7 +33,7 @@ from tl_privacy.metrics import (
     general_perplexity,
     record_metrics,
 )
-from tl_privacy.precision import autocast
+from tl_privacy.precision import weights_cast_once
 
 logger = logging.getLogger("tl_privacy")
 
@@ -223,7 +223,7 @@ def evaluate(
     config = config or EvaluationConfig()
     if not train_records:
         raise ValueError("evaluate needs at least one training record, got none.")
-    with autocast(model, config.precision):
+    with weights_cast_once(model, config.precision):
         return _evaluate(model, tokenizer, train_records, heldout_records, fwd_hooks, config)
 
 

@@ -45,7 +45,7 @@ from tl_privacy.objectives import (
     reference_log_probs,
     shifted_targets,
 )
-from tl_privacy.precision import autocast, resolve_precision
+from tl_privacy.precision import autocast, resolve_precision, weights_cast_once
 
 logger = logging.getLogger("tl_privacy")
 
@@ -364,7 +364,10 @@ class Localizer:
 
     While the localizer is open (``with Localizer(model, config) as localizer:``),
     the model is frozen and in eval mode and the gate hooks are attached; on exit
-    all of that is undone, also when a step raises.
+    all of that is undone, also when a step raises. Under bfloat16 the weights are
+    marked as requiring grad while it is open, so that autocast casts them once per
+    run (see :func:`tl_privacy.precision.weights_cast_once`); steps take gradients of
+    the gates only, so the weights get none.
 
     ``references`` shares the unmasked model's predictions with other runs over the same
     batches (see :class:`ReferenceCache`); by default each localizer has its own cache of
@@ -411,6 +414,7 @@ class Localizer:
     def __enter__(self) -> Localizer:
         stack = ExitStack()
         stack.enter_context(frozen(self.model))
+        stack.enter_context(weights_cast_once(self.model, self.config.precision))
         stack.enter_context(attached(self.model, self.mask.fwd_hooks()))
         self._exit_stack = stack
         return self
@@ -468,7 +472,8 @@ class Localizer:
 
         loss = pii_term + config.keep_weight * keep_term + l0_term
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Only the gates: the weights may require grad here (see weights_cast_once).
+        loss.backward(inputs=[self.mask.log_alpha])
         self.optimizer.step()
         self.passes["forward"] += 1
         self.passes["backward"] += 1

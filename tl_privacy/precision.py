@@ -1,7 +1,9 @@
-"""Choice of bfloat16 autocast, shared by the fine-tune and the localizer."""
+"""Choice of bfloat16 autocast, shared by the fine-tune, the localizer and the baselines."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,3 +39,35 @@ def autocast(model: Any, precision: str):
         raise ValueError(f"precision must be 'auto', 'bfloat16' or 'float32', got {precision!r}.")
     device = next(iter(model.parameters())).device
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolved == "bfloat16")
+
+
+@contextmanager
+def weights_cast_once(model: Any, precision: str) -> Iterator[None]:
+    """Run a block of passes over frozen weights in one autocast region that casts each
+    weight to bfloat16 once, instead of once per pass.
+
+    Autocast keeps its bfloat16 copy of a tensor for the rest of the region only for leaf
+    tensors that require grad, so the model's float32 parameters require grad inside the
+    block; their flags are restored on exit, also when the block raises. Code inside must
+    take gradients only with respect to its own tensors (``loss.backward(inputs=[...])`` or
+    ``torch.autograd.grad``): autograd then skips the weights' gradients, and no ``.grad``
+    is written. The copies take half the parameters' float32 memory until the block ends.
+    Under float32 precision the block runs with autocast off, as :func:`autocast` gives it.
+
+    On SmolLM2-135M, a localization step (8 records of about 100 tokens) otherwise spends
+    about 10% of its time re-casting the weights.
+    """
+    if resolve_precision(model, precision) != "bfloat16":
+        with autocast(model, precision):
+            yield
+        return
+    params = [p for p in model.parameters() if p.dtype == torch.float32]
+    flags = [p.requires_grad for p in params]
+    try:
+        for param in params:
+            param.requires_grad_(True)
+        with autocast(model, precision):
+            yield
+    finally:
+        for param, flag in zip(params, flags, strict=True):
+            param.requires_grad_(flag)
