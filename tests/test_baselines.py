@@ -8,7 +8,7 @@ import torch
 from tl_privacy.baselines import BASELINE_METHODS, BaselineConfig, score, select
 from tl_privacy.data.tokenization import make_batches, pii_items
 from tl_privacy.extraction import exact_match_teacher_forced
-from tl_privacy.localization import LocalizationConfig
+from tl_privacy.localization import LocalizationConfig, ReferenceCache, localize
 from tl_privacy.objectives import shifted_targets
 
 QUICK = BaselineConfig(ig_steps=3, slimming_steps=4)
@@ -62,6 +62,30 @@ def test_pass_counts(tiny_model, batches):
     # One pass per step, plus one reference pass per distinct batch for the KL keep term.
     assert slimming["forward_passes"] == QUICK.slimming_steps + min(n_batches, QUICK.slimming_steps)
     assert slimming["backward_passes"] == QUICK.slimming_steps
+
+
+def test_slimming_shares_localization_references(tiny_model, batches):
+    references = ReferenceCache()
+    settings = LocalizationConfig(steps=2, precision="float32", show_progress=False)
+    localize(tiny_model, batches, settings, references=references)
+    config = BaselineConfig(slimming_steps=4, precision="float32")
+
+    shared = select("slimming", tiny_model, batches, 5, config=config, references=references)
+    alone = select("slimming", tiny_model, batches, 5, config=config)
+
+    assert shared.stats["forward_passes"] == config.slimming_steps
+    assert alone.stats["forward_passes"] == config.slimming_steps + len(batches)
+    # The shared entries are stored in float16; the first use of a fresh one is not.
+    assert torch.allclose(shared.scores, alone.scores, atol=1e-3)
+    with pytest.raises(ValueError, match="filled at precision 'float32'"):
+        select(
+            "slimming",
+            tiny_model,
+            batches,
+            5,
+            config=BaselineConfig(slimming_steps=1, precision="bfloat16"),
+            references=references,
+        )
 
 
 def test_activation_scores_match_run_with_cache(tiny_model, batches):

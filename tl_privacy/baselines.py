@@ -38,6 +38,7 @@ from tl_privacy.localization import (
     Batch,
     BatchSource,
     LocalizationConfig,
+    ReferenceCache,
     as_batches,
     frozen,
     restrict_to_types,
@@ -54,7 +55,7 @@ from tl_privacy.objectives import (
     selected_log_probs,
     shifted_targets,
 )
-from tl_privacy.precision import weights_cast_once
+from tl_privacy.precision import resolve_precision, weights_cast_once
 
 logger = logging.getLogger("tl_privacy")
 
@@ -167,6 +168,7 @@ def select(
     seed: int = 0,
     config: BaselineConfig | None = None,
     model_name: str | None = None,
+    references: ReferenceCache | None = None,
 ) -> PrivacyNeurons:
     """Select exactly ``k`` neurons with a baseline ``method``.
 
@@ -179,6 +181,9 @@ def select(
         seed: seed of ``random`` (the other methods are deterministic on CPU).
         config: settings; defaults to :class:`BaselineConfig()`.
         model_name: stored with the set; defaults to ``model.cfg.model_name``.
+        references: for ``slimming``, the unmasked model's keep-position predictions on
+            ``batches``, shared with a localization run over the same batches (see
+            :class:`tl_privacy.localization.ReferenceCache`); the other methods ignore it.
 
     Returns:
         The set, with the scores, the settings and ``stats`` holding ``wall_time_s``,
@@ -186,7 +191,9 @@ def select(
         ``requires_grad`` and its train/eval mode are as before, and no hook stays attached.
     """
     config = config or BaselineConfig()
-    scores, stats = score(method, model, batches, k=k, seed=seed, config=config)
+    scores, stats = score(
+        method, model, batches, k=k, seed=seed, config=config, references=references
+    )
     return PrivacyNeurons.from_scores(
         scores,
         k,
@@ -207,11 +214,13 @@ def score(
     k: int | None = None,
     seed: int = 0,
     config: BaselineConfig | None = None,
+    references: ReferenceCache | None = None,
 ) -> tuple[Float[Tensor, "n_layers d_mlp"], dict[str, Any]]:
     """Score every neuron with ``method``; returns ``(scores, stats)``.
 
-    ``k`` scales slimming's L1 penalty (default: 1% of the neurons); the other methods
-    ignore it.
+    ``k`` scales slimming's L1 penalty (default: 1% of the neurons) and ``references``
+    holds its keep-position predictions (see :func:`slimming_scores`); the other methods
+    ignore both.
     """
     if method not in SCORERS:
         raise ValueError(f"Unknown baseline method {method!r}; choose one of {BASELINE_METHODS}.")
@@ -237,7 +246,10 @@ def score(
     passes = PassCounter()
     started = time.perf_counter()
     with weights_cast_once(model, config.precision):
-        scores = SCORERS[method](model, data, config, seed, scale, passes)
+        if method == "slimming":
+            scores = slimming_scores(model, data, config, seed, scale, passes, references)
+        else:
+            scores = SCORERS[method](model, data, config, seed, scale, passes)
     stats = {
         "wall_time_s": time.perf_counter() - started,
         "forward_passes": passes.forward,
@@ -428,6 +440,7 @@ def slimming_scores(
     seed: int,
     scale: int,
     passes: PassCounter,
+    references: ReferenceCache | None = None,
 ) -> Tensor:
     """Train a coefficient per neuron in [0, 1] against the PII; the score is ``1 - c``.
 
@@ -435,6 +448,9 @@ def slimming_scores(
     the localization objective with an L1 penalty in place of the hard-concrete L0 term.
     ``scale`` is the number of neurons to select. After each Adam step the coefficients are
     clipped back to [0, 1]. Ties among untouched neurons (``c = 1``) are broken by position.
+    ``references`` holds the unmasked model's keep-position predictions, shared with a
+    localization run over the same batches (see
+    :class:`tl_privacy.localization.ReferenceCache`); None computes them anew.
     """
     n_layers, d_mlp = check_model(model)
     device = data[0]["input_ids"].device
@@ -450,12 +466,14 @@ def slimming_scores(
 
         return multiply
 
-    references: dict[int, Tensor] = {}
+    cache = references if references is not None else ReferenceCache(float("inf"))
+    precision = resolve_precision(model, config.precision)
 
     def reference(index: int, batch: Batch) -> Tensor | None:
         if config.keep_loss != "kl":
             return None
-        if index not in references:
+
+        def compute() -> Tensor:
             bypass["on"] = True
             try:
                 with torch.no_grad():
@@ -463,9 +481,9 @@ def slimming_scores(
             finally:
                 bypass["on"] = False
             passes.forward += 1
-            # float16 halves the memory; log-probabilities keep about 3 significant digits.
-            references[index] = reference_log_probs(logits, batch).to(torch.float16)
-        return references[index]
+            return reference_log_probs(logits, batch)
+
+        return cache.get(index, batch, compute, model=model, precision=precision)
 
     hooks = [(mlp_post_name(layer), scale_neurons(layer)) for layer in range(n_layers)]
     progress = tqdm(range(config.slimming_steps), desc="slimming", disable=not config.show_progress)

@@ -376,7 +376,7 @@ class Run:
     neurons: PrivacyNeurons | None = None
     localization_config: Any = None
     # The unmasked model's keep-position predictions on [*batches, *keep_batches], kept from
-    # the main localization for the per-type runs of the specificity stage, then freed.
+    # the main localization for slimming and the per-type runs of specificity, then freed.
     references: Any = None
     evaluations: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
@@ -606,10 +606,10 @@ def localize_neurons(run: Run) -> None:
         run.neurons = localize(
             run.model, data, settings, model_name=run.model_name, references=references
         )
-        # Only the demo's specificity stage reads the references again. They take keep
-        # positions x vocabulary x 2 bytes (96 KiB per position on SmolLM2), so other runs
-        # free them here.
-        if run.command == "demo" and config.specificity:
+        # Only the demo's slimming baseline and specificity stage read the references
+        # again. They take keep positions x vocabulary x 2 bytes (96 KiB per position on
+        # SmolLM2), so other runs free them here.
+        if run.command == "demo" and (config.specificity or "slimming" in config.baselines):
             run.references = references
         stage.summary(
             f"{run.neurons.count} privacy neurons ({run.neurons.fraction:.3%} of all), "
@@ -739,7 +739,15 @@ def evaluate_baselines(run: Run) -> None:
             # The objective-based baseline gets the keep-only batches too; the others read
             # PII positions, which those batches do not have.
             data = [*run.batches, *run.keep_batches] if method == "slimming" else run.batches
-            chosen = select(method, run.model, data, k, seed=run.config.seed, config=settings)
+            chosen = select(
+                method,
+                run.model,
+                data,
+                k,
+                seed=run.config.seed,
+                config=settings,
+                references=run.references,
+            )
             evaluation = _evaluate(run, chosen.ablation_hooks())
             metrics[method] = _metrics_json(evaluation, run.config.show_pii)
             summaries[method] = {
@@ -749,6 +757,8 @@ def evaluate_baselines(run: Run) -> None:
                 "selection_seconds": chosen.stats.get("wall_time_s"),
                 "evaluation_seconds": evaluation.seconds,
             }
+        if not run.config.specificity:
+            run.references = None
         listed = ", ".join(
             f"{method} {_percent(values.get('extraction_exact'))}"
             for method, values in metrics.items()

@@ -47,15 +47,15 @@ def weights_cast_once(model: Any, precision: str) -> Iterator[None]:
     weight to bfloat16 once, instead of once per pass.
 
     Autocast keeps its bfloat16 copy of a tensor for the rest of the region only for leaf
-    tensors that require grad, so the model's float32 parameters require grad inside the
-    block; their flags are restored on exit, also when the block raises. Code inside must
+    tensors that require grad. The model's float32 parameters therefore require grad inside
+    the block. Their flags are restored on exit, also when the block raises. Code inside must
     take gradients only with respect to its own tensors (``loss.backward(inputs=[...])`` or
     ``torch.autograd.grad``): autograd then skips the weights' gradients, and no ``.grad``
     is written. The copies take half the parameters' float32 memory until the block ends.
     Under float32 precision the block runs with autocast off, as :func:`autocast` gives it.
 
-    On SmolLM2-135M, a localization step (8 records of about 100 tokens) otherwise spends
-    about 10% of its time re-casting the weights.
+    On SmolLM2-135M (8 records of about 100 tokens, 2 cores with AMX), a localization step
+    took a median 0.95 s against 0.98 s with a cast on every pass.
     """
     if resolve_precision(model, precision) != "bfloat16":
         with autocast(model, precision):
