@@ -39,9 +39,22 @@ def command_line() -> str:
 def machine() -> str:
     """Return a one-line description of the CPU, thread count and torch version."""
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{cpu_name()}, {os.cpu_count()} CPU cores, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
     )
+
+
+def cpu_name() -> str:
+    """Return the CPU's model name from /proc/cpuinfo on Linux, where ``platform.processor()``
+    is often empty, and the architecture where neither names it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def write_section(name: str, title: str, body: str, doc: Path = DOC) -> Path:
