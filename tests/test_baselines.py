@@ -88,6 +88,12 @@ def test_slimming_shares_localization_references(tiny_model, batches):
         )
 
 
+@pytest.mark.parametrize("method", ["integrated_gradients", "slimming"])
+def test_gradient_methods_need_gradients(method, tiny_model, batches):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="needs gradients"):
+        select(method, tiny_model, batches, 5, config=QUICK)
+
+
 def test_activation_scores_match_run_with_cache(tiny_model, batches):
     batch = batches[0]
     scores, _ = score("activation", tiny_model, [batch])

@@ -76,6 +76,22 @@ def test_casting_weights_once_changes_no_gate(model, batch, monkeypatch):
     assert torch.equal(cast_once.mask, per_pass.mask)
 
 
+def test_run_inside_open_localizer_restores_model(model, batch):
+    flags = [param.requires_grad for param in model.parameters()]
+
+    with Localizer(model, quick(precision="bfloat16")) as localizer:
+        localizer.run(batch)
+
+    assert not torch.is_autocast_enabled("cpu")
+    assert [param.requires_grad for param in model.parameters()] == flags
+    assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_localize_without_gradients_raises(model, batch):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gradients are off"):
+        localize(model, batch, quick())
+
+
 def test_model_state_restored(model, batch):
     flags = [param.requires_grad for param in model.parameters()]
     before = {name: param.clone() for name, param in model.named_parameters()}

@@ -83,3 +83,18 @@ def test_float32_turns_an_outer_autocast_off(linear):
             assert not torch.is_autocast_enabled("cpu")
             assert linear(torch.randn(2, 16)).dtype == torch.float32
             assert not any(param.requires_grad for param in linear.parameters())
+
+
+def test_changed_weights_not_read_from_an_outer_cache(linear):
+    inputs = torch.randn(2, 16)
+
+    # The user's own autocast context outlives both blocks.
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        with weights_cast_once(linear, "bfloat16"):
+            before = linear(inputs)
+        linear.weight.zero_()
+        with weights_cast_once(linear, "bfloat16"):
+            after = linear(inputs)
+
+    assert not torch.equal(before, after)
+    assert torch.equal(after, linear.bias.to(torch.bfloat16).expand_as(after))

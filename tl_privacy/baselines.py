@@ -243,6 +243,11 @@ def score(
                 + f" to score neurons with; {method} needs at least one."
             )
 
+    if method in ("integrated_gradients", "slimming") and not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{method} needs gradients, but they are off here (torch.no_grad() or "
+            "torch.inference_mode()); call it outside that block."
+        )
     passes = PassCounter()
     started = time.perf_counter()
     with weights_cast_once(model, config.precision):

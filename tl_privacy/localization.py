@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -367,7 +367,8 @@ class Localizer:
     all of that is undone, also when a step raises. Under bfloat16 the weights are
     marked as requiring grad while it is open, so that autocast casts them once per
     run (see :func:`tl_privacy.precision.weights_cast_once`); steps take gradients of
-    the gates only, so the weights get none.
+    the gates only, so the weights get none. Code run inside the block therefore runs
+    under bfloat16 autocast, and the activations its hooks see require grad.
 
     ``references`` shares the unmasked model's predictions with other runs over the same
     batches (see :class:`ReferenceCache`); by default each localizer has its own cache of
@@ -457,6 +458,11 @@ class Localizer:
         """Take one optimizer step of the gates on ``batch``, cached under ``key``."""
         if self._exit_stack is None:
             raise RuntimeError("Use the Localizer inside `with Localizer(model, config) as loc:`.")
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "Localization trains the gates by gradient descent, but gradients are off "
+                "here (torch.no_grad() or torch.inference_mode()); call it outside that block."
+            )
         config = self.config
         reference = self._reference(key, batch)
 
@@ -497,7 +503,9 @@ class Localizer:
         start = time.perf_counter()
         show = self.config.show_progress
         progress = tqdm(range(self.config.steps), desc="localize", disable=not show)
-        with self:
+        # Inside an open ``with localizer:`` block the localizer is not entered again, so
+        # that the block's own exit restores the model.
+        with nullcontext() if self._exit_stack is not None else self:
             for step in progress:
                 index = step % len(data)
                 self.step(data[index], key=index)

@@ -51,7 +51,9 @@ def weights_cast_once(model: Any, precision: str) -> Iterator[None]:
     the block. Their flags are restored on exit, also when the block raises. Code inside must
     take gradients only with respect to its own tensors (``loss.backward(inputs=[...])`` or
     ``torch.autograd.grad``): autograd then skips the weights' gradients, and no ``.grad``
-    is written. The copies take half the parameters' float32 memory until the block ends.
+    is written. The copies take half the parameters' float32 memory until the block ends,
+    when they are dropped, also inside an outer autocast context. Activations computed in
+    the block require grad, so a hook that reads them as NumPy arrays must detach them.
     Under float32 precision the block runs with autocast off, as :func:`autocast` gives it.
 
     On SmolLM2-135M (8 records of about 100 tokens, 2 cores with AMX), a localization step
@@ -63,11 +65,16 @@ def weights_cast_once(model: Any, precision: str) -> Iterator[None]:
         return
     params = [p for p in model.parameters() if p.dtype == torch.float32]
     flags = [p.requires_grad for p in params]
+    # Autocast empties its cache only when the outermost autocast context exits, and inside
+    # a user's own context that is later than this block: without clearing, a later block
+    # would read copies of weights changed in the meantime.
+    torch.clear_autocast_cache()
     try:
         for param in params:
             param.requires_grad_(True)
         with autocast(model, precision):
             yield
     finally:
+        torch.clear_autocast_cache()
         for param, flag in zip(params, flags, strict=True):
             param.requires_grad_(flag)
