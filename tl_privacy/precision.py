@@ -65,9 +65,9 @@ def weights_cast_once(model: Any, precision: str) -> Iterator[None]:
         return
     params = [p for p in model.parameters() if p.dtype == torch.float32]
     flags = [p.requires_grad for p in params]
-    # Autocast empties its cache only when the outermost autocast context exits, and inside
-    # a user's own context that is later than this block: without clearing, a later block
-    # would read copies of weights changed in the meantime.
+    # Autocast empties its cache only when the outermost autocast context exits. Inside a
+    # user's own context that comes after this block, so a later block would otherwise read
+    # stale copies of weights changed in between.
     torch.clear_autocast_cache()
     try:
         for param in params:
