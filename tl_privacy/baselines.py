@@ -55,7 +55,7 @@ from tl_privacy.objectives import (
     selected_log_probs,
     shifted_targets,
 )
-from tl_privacy.precision import resolve_precision, weights_cast_once
+from tl_privacy.precision import autocast, resolve_precision, weights_cast_once
 
 logger = logging.getLogger("tl_privacy")
 
@@ -250,7 +250,7 @@ def score(
         )
     passes = PassCounter()
     started = time.perf_counter()
-    with weights_cast_once(model, config.precision):
+    with autocast(model, config.precision):
         if method == "slimming":
             scores = slimming_scores(model, data, config, seed, scale, passes, references)
         else:
@@ -315,7 +315,7 @@ def activation_scores(
         return add_activations
 
     hooks = [(mlp_post_name(layer), accumulate(layer)) for layer in range(n_layers)]
-    with torch.no_grad(), attached(model, hooks):
+    with torch.no_grad(), weights_cast_once(model, config.precision), attached(model, hooks):
         for batch in _limit(data, config.max_batches):
             _, pii, other = shifted_targets(batch)
             current["pii"], current["other"] = pii, other
