@@ -45,8 +45,8 @@ def machine() -> str:
 
 
 def cpu_name() -> str:
-    """Return the CPU's model name from /proc/cpuinfo on Linux, where ``platform.processor()``
-    is often empty, and the architecture where neither names it."""
+    """Return the CPU model name from /proc/cpuinfo, else ``platform.processor()``, else the
+    architecture. On Linux ``platform.processor()`` is often empty."""
     try:
         lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
     except OSError:

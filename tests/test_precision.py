@@ -85,7 +85,7 @@ def test_float32_turns_an_outer_autocast_off(linear):
             assert not any(param.requires_grad for param in linear.parameters())
 
 
-def test_changed_weights_not_read_from_an_outer_cache(linear):
+def test_outer_autocast_keeps_no_stale_weights(linear):
     inputs = torch.randn(2, 16)
 
     # The user's own autocast context outlives both blocks.

@@ -245,8 +245,8 @@ def score(
 
     if method in ("integrated_gradients", "slimming") and not torch.is_grad_enabled():
         raise RuntimeError(
-            f"{method} needs gradients, but they are off here (torch.no_grad() or "
-            "torch.inference_mode()); call it outside that block."
+            f"{method} needs gradients, but gradients are off (torch.no_grad() or "
+            "torch.inference_mode() is active). Call it outside that block."
         )
     passes = PassCounter()
     started = time.perf_counter()
@@ -506,7 +506,8 @@ def slimming_scores(
 
             loss = pii_term + config.keep_weight * keep_term + l1_term
             optimizer.zero_grad(set_to_none=True)
-            # Only the coefficients: the weights may require grad here (weights_cast_once).
+            # Gradients of the coefficients only, because weights_cast_once makes the weights
+            # require grad.
             loss.backward(inputs=[coefficients])
             optimizer.step()
             with torch.no_grad():

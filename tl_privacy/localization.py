@@ -366,9 +366,9 @@ class Localizer:
     the model is frozen and in eval mode and the gate hooks are attached; on exit
     all of that is undone, also when a step raises. Under bfloat16 the weights are
     marked as requiring grad while it is open, so that autocast casts them once per
-    run (see :func:`tl_privacy.precision.weights_cast_once`); steps take gradients of
-    the gates only, so the weights get none. Code run inside the block therefore runs
-    under bfloat16 autocast, and the activations its hooks see require grad.
+    run (see :func:`tl_privacy.precision.weights_cast_once`). Steps take gradients of
+    the gates only, so the weights get none. Code inside the block runs under bfloat16
+    autocast, and the activations its hooks see require grad.
 
     ``references`` shares the unmasked model's predictions with other runs over the same
     batches (see :class:`ReferenceCache`); by default each localizer has its own cache of
@@ -460,8 +460,8 @@ class Localizer:
             raise RuntimeError("Use the Localizer inside `with Localizer(model, config) as loc:`.")
         if not torch.is_grad_enabled():
             raise RuntimeError(
-                "Localization trains the gates by gradient descent, but gradients are off "
-                "here (torch.no_grad() or torch.inference_mode()); call it outside that block."
+                "Localization needs gradients, but gradients are off (torch.no_grad() or "
+                "torch.inference_mode() is active). Call localize outside that block."
             )
         config = self.config
         reference = self._reference(key, batch)
@@ -478,7 +478,7 @@ class Localizer:
 
         loss = pii_term + config.keep_weight * keep_term + l0_term
         self.optimizer.zero_grad(set_to_none=True)
-        # Only the gates: the weights may require grad here (see weights_cast_once).
+        # Gradients of the gates only, because weights_cast_once makes the weights require grad.
         loss.backward(inputs=[self.mask.log_alpha])
         self.optimizer.step()
         self.passes["forward"] += 1
@@ -503,8 +503,8 @@ class Localizer:
         start = time.perf_counter()
         show = self.config.show_progress
         progress = tqdm(range(self.config.steps), desc="localize", disable=not show)
-        # Inside an open ``with localizer:`` block the localizer is not entered again, so
-        # that the block's own exit restores the model.
+        # Inside an open ``with localizer:`` block, entering again would replace the block's
+        # exit stack, and its exit would then no longer restore the model.
         with nullcontext() if self._exit_stack is not None else self:
             for step in progress:
                 index = step % len(data)
