@@ -41,7 +41,7 @@ test: $(STAMP) $(STAMP_TL3)
 	$(MAKE) test-tl3
 
 test-tl3: $(STAMP_TL3)
-	$(VENV_TL3)/bin/pytest --noconftest tests/test_masks.py tests/test_hooks.py tests/test_neurons.py tests/test_localization.py
+	$(VENV_TL3)/bin/pytest --noconftest tests/test_masks.py tests/test_hooks.py tests/test_neurons.py tests/test_localization.py tests/test_readout.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_privacy tests benchmarks

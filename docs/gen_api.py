@@ -14,6 +14,7 @@ MODULES = [
     ("tl_privacy.masks", "Hard-concrete gates"),
     ("tl_privacy.neurons", "Neuron sets: ablation and storage"),
     ("tl_privacy.objectives", "Loss terms of the localization objective"),
+    ("tl_privacy.readout", "Logits at selected positions"),
     ("tl_privacy.localization", "Localization"),
     ("tl_privacy.models", "Loading and building models"),
     ("tl_privacy.memorize", "Memorization fine-tune"),

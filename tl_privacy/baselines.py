@@ -49,13 +49,13 @@ from tl_privacy.objectives import (
     KeepLossForm,
     PIILossForm,
     check_finite,
-    keep_loss,
-    pii_suppression_loss,
-    reference_log_probs,
-    selected_log_probs,
+    keep_loss_from_rows,
+    pii_suppression_from_rows,
+    row_log_probs,
     shifted_targets,
 )
 from tl_privacy.precision import autocast, resolve_precision, weights_cast_once
+from tl_privacy.readout import predicting_logits
 
 logger = logging.getLogger("tl_privacy")
 
@@ -425,8 +425,8 @@ def _riemann_gradients(
     with attached(model, hooks):
         for step in range(1, steps + 1):
             alpha["value"] = step / steps
-            logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
-            objective = selected_log_probs(logits, targets, pii).sum()
+            (rows,) = predicting_logits(model, batch["input_ids"], batch["attention_mask"], [pii])
+            objective = row_log_probs(rows, targets[pii]).sum()
             gradients = torch.autograd.grad(objective, [scaled[layer] for layer in layers])
             for layer, gradient in zip(layers, gradients, strict=True):
                 sums[layer] += gradient
@@ -479,14 +479,17 @@ def slimming_scores(
             return None
 
         def compute() -> Tensor:
+            _, _, keep = shifted_targets(batch)
             bypass["on"] = True
             try:
                 with torch.no_grad():
-                    logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
+                    (rows,) = predicting_logits(
+                        model, batch["input_ids"], batch["attention_mask"], [keep]
+                    )
             finally:
                 bypass["on"] = False
             passes.forward += 1
-            return reference_log_probs(logits, batch)
+            return torch.log_softmax(rows.float(), dim=-1)
 
         return cache.get(index, batch, compute, model=model, precision=precision)
 
@@ -497,9 +500,12 @@ def slimming_scores(
             index = step % len(data)
             batch = data[index]
             target = reference(index, batch)
-            logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
-            pii_term = pii_suppression_loss(logits, batch, config.pii_loss)
-            keep_term = keep_loss(logits, batch, config.keep_loss, target)
+            _, pii, keep = shifted_targets(batch)
+            pii_rows, keep_rows = predicting_logits(
+                model, batch["input_ids"], batch["attention_mask"], [pii, keep]
+            )
+            pii_term = pii_suppression_from_rows(pii_rows, batch, config.pii_loss)
+            keep_term = keep_loss_from_rows(keep_rows, batch, config.keep_loss, target)
             l1_term = config.l1_weight * (1 - coefficients).sum() / scale
             check_finite(pii_term, "PII suppression")
             check_finite(keep_term, "keep")

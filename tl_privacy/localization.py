@@ -39,13 +39,13 @@ from tl_privacy.objectives import (
     KeepLossForm,
     PIILossForm,
     check_finite,
-    keep_loss,
+    keep_loss_from_rows,
     pii_runs,
-    pii_suppression_loss,
-    reference_log_probs,
+    pii_suppression_from_rows,
     shifted_targets,
 )
 from tl_privacy.precision import autocast, resolve_precision, weights_cast_once
+from tl_privacy.readout import predicting_logits
 
 logger = logging.getLogger("tl_privacy")
 
@@ -444,9 +444,12 @@ class Localizer:
 
         def compute() -> torch.Tensor:
             self.passes["forward"] += 1
+            _, _, keep = shifted_targets(batch)
             with torch.no_grad(), self.mask.bypassed(), self._autocast():
-                logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
-            return reference_log_probs(logits, batch)
+                (rows,) = predicting_logits(
+                    self.model, batch["input_ids"], batch["attention_mask"], [keep]
+                )
+            return torch.log_softmax(rows.float(), dim=-1)
 
         precision = resolve_precision(self.model, self.config.precision)
         return self._references.get(key, batch, compute, model=self.model, precision=precision)
@@ -466,10 +469,13 @@ class Localizer:
         config = self.config
         reference = self._reference(key, batch)
 
+        _, pii, keep = shifted_targets(batch)
         with self._autocast():
-            logits = model_logits(self.model, batch["input_ids"], batch["attention_mask"])
-        pii_term = pii_suppression_loss(logits, batch, config.pii_loss)
-        keep_term = keep_loss(logits, batch, config.keep_loss, reference)
+            pii_rows, keep_rows = predicting_logits(
+                self.model, batch["input_ids"], batch["attention_mask"], [pii, keep]
+            )
+        pii_term = pii_suppression_from_rows(pii_rows, batch, config.pii_loss)
+        keep_term = keep_loss_from_rows(keep_rows, batch, config.keep_loss, reference)
         expected_closed = self.mask.expected_closed()
         l0_term = (config.l0_weight + self.multiplier) * expected_closed / self._budget_scale
         check_finite(pii_term, "PII suppression")

@@ -66,9 +66,15 @@ def selected_log_probs(
     The log-softmax over the vocabulary and its backward pass dominate the loss terms;
     PII tokens are a small part of a record, so this is several times cheaper there.
     """
-    rows = logits[:, :-1][selected].float()
-    log_probs = F.log_softmax(rows, dim=-1)
-    return log_probs.gather(-1, targets[selected].unsqueeze(-1)).squeeze(-1)
+    return row_log_probs(logits[:, :-1][selected], targets[selected])
+
+
+def row_log_probs(
+    rows: Float[Tensor, "n d_vocab"], targets: Int[Tensor, " n"]
+) -> Float[Tensor, " n"]:
+    """Log-probability (nats) of ``targets[i]`` under the logits ``rows[i]``, in float32."""
+    log_probs = F.log_softmax(rows.float(), dim=-1)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def pii_suppression_loss(
@@ -89,15 +95,29 @@ def pii_suppression_loss(
     far the gates push, so the objective cannot run away.
     Returns 0 when the batch has no PII token.
     """
+    _, pii, _ = shifted_targets(batch)
+    return pii_suppression_from_rows(logits[:, :-1][pii], batch, form, ce_cap)
+
+
+def pii_suppression_from_rows(
+    rows: Float[Tensor, "n_pii d_vocab"],
+    batch: dict[str, Tensor],
+    form: PIILossForm = "sequence",
+    ce_cap: float = DEFAULT_CE_CAP,
+) -> Float[Tensor, ""]:
+    """:func:`pii_suppression_loss` from the logits of the PII positions alone.
+
+    ``rows`` is ``logits[:, :-1][pii]`` with ``pii`` from :func:`shifted_targets`, as
+    :func:`tl_privacy.readout.predicting_logits` returns it without the full logits.
+    """
     targets, pii, _ = shifted_targets(batch)
     if not pii.any():
-        return logits.new_zeros(())
-    log_p = selected_log_probs(logits, targets, pii)
-
+        return rows.new_zeros(())
+    log_p = row_log_probs(rows, targets[pii])
     if form == "sequence":
         # One term per PII string: log P(string) is the sum over its tokens.
         run_ids = pii_runs(pii)
-        string_log_p = torch.zeros(int(run_ids.max()) + 1, device=logits.device)
+        string_log_p = torch.zeros(int(run_ids.max()) + 1, device=rows.device)
         string_log_p = string_log_p.index_add(0, run_ids[pii], log_p)
         return _unlikelihood(string_log_p).mean()
     if form == "unlikelihood":
@@ -138,16 +158,30 @@ def keep_loss(
     ``keep_positions.nonzero()``, see :func:`reference_log_probs`).
     Returns 0 when the batch has no such token.
     """
+    _, _, keep = shifted_targets(batch)
+    return keep_loss_from_rows(logits[:, :-1][keep], batch, form, reference_log_probs)
+
+
+def keep_loss_from_rows(
+    rows: Float[Tensor, "n_keep d_vocab"],
+    batch: dict[str, Tensor],
+    form: KeepLossForm = "kl",
+    reference_log_probs: Float[Tensor, "n_keep d_vocab"] | None = None,
+) -> Float[Tensor, ""]:
+    """:func:`keep_loss` from the logits of the keep positions alone.
+
+    ``rows`` is ``logits[:, :-1][keep]`` with ``keep`` from :func:`shifted_targets`, as
+    :func:`tl_privacy.readout.predicting_logits` returns it without the full logits.
+    """
     targets, _, keep = shifted_targets(batch)
     if not keep.any():
-        return logits.new_zeros(())
-
+        return rows.new_zeros(())
     if form == "ce":
-        return -selected_log_probs(logits, targets, keep).mean()
+        return -row_log_probs(rows, targets[keep]).mean()
     if form == "kl":
         if reference_log_probs is None:
             raise ValueError("keep_loss form 'kl' needs reference_log_probs.")
-        log_q = F.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+        log_q = F.log_softmax(rows.float(), dim=-1)
         log_p = reference_log_probs.to(log_q.device, torch.float32)
         return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
     raise ValueError(f"keep_loss must be 'kl' or 'ce', got {form!r}.")

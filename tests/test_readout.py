@@ -1,0 +1,141 @@
+"""Logits at selected positions: equal to the full logits' rows, cheaper, and hook-safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests._memorized import make_tiny_model
+from tl_privacy.hooks import attached, mlp_post_name, model_logits
+from tl_privacy.readout import predicting_logits
+
+
+class LargestVocabOutput(TorchDispatchMode):
+    """Record the largest number of elements of any output whose last dimension is d_vocab."""
+
+    def __init__(self, d_vocab: int) -> None:
+        super().__init__()
+        self.d_vocab = d_vocab
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == self.d_vocab:
+            self.largest = max(self.largest, out.numel())
+        return out
+
+
+class DoubledLogits(torch.nn.Module):
+    """A model whose logits are twice its unembedding of the final residual stream."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.cfg = inner.cfg
+        self.unembed = inner.unembed
+
+    def forward(self, input_ids, return_type="logits", **kwargs):
+        return 2 * self.inner(input_ids, return_type=return_type, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(d_mlp=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 256, (4, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -2:] = 0
+    first = torch.rand(4, 11, generator=generator) < 0.3
+    second = ~first & (torch.rand(4, 11, generator=generator) < 0.5)
+    return input_ids, attention_mask, [first, second]
+
+
+def _gated(model, gate: torch.Tensor):
+    hooks = [
+        (mlp_post_name(layer), lambda activation, hook: activation * gate)
+        for layer in range(model.cfg.n_layers)
+    ]
+    return attached(model, hooks)
+
+
+def test_rows_match_full_logits(model, batch):
+    input_ids, attention_mask, selections = batch
+    gate = torch.ones(model.cfg.d_mlp, requires_grad=True)
+    predicting_logits(model, input_ids, attention_mask, selections)  # the first call checks
+
+    with _gated(model, gate):
+        logits = model_logits(model, input_ids, attention_mask)
+        expected = [logits[:, :-1][selection] for selection in selections]
+        rows = predicting_logits(model, input_ids, attention_mask, selections)
+    (expected_grad,) = torch.autograd.grad(sum(r.logsumexp(-1).sum() for r in expected), gate)
+    (rows_grad,) = torch.autograd.grad(sum(r.logsumexp(-1).sum() for r in rows), gate)
+
+    assert all(selection.any() for selection in selections)
+    for row, full in zip(rows, expected, strict=True):
+        assert row.shape == full.shape
+        torch.testing.assert_close(row, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows_grad, expected_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_no_output_spans_every_position(model):
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 256, (8, 40), generator=generator)
+    selections = [torch.rand(8, 39, generator=generator) < 0.1]
+    d_vocab, d_model = model.cfg.d_vocab, model.cfg.d_model
+    predicting_logits(model, input_ids, None, selections)  # the first call checks
+
+    with LargestVocabOutput(d_vocab) as rows_only:
+        predicting_logits(model, input_ids, None, selections)
+    with LargestVocabOutput(d_vocab) as full:
+        model_logits(model, input_ids)
+
+    # The unembedding matrix itself (d_model x d_vocab) may pass through as a view.
+    assert rows_only.largest <= max(int(selections[0].sum()), d_model) * d_vocab
+    assert full.largest == input_ids.numel() * d_vocab
+
+
+def test_unembedding_hook_still_fires(model, batch):
+    input_ids, attention_mask, selections = batch
+    calls = []
+    handle = model.unembed.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        rows = predicting_logits(model, input_ids, attention_mask, selections)
+    finally:
+        handle.remove()
+    logits = model_logits(model, input_ids, attention_mask)
+
+    assert len(calls) == 1
+    torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])
+
+
+def test_soft_capped_logits_read_in_full(model, batch):
+    input_ids, attention_mask, selections = batch
+    doubled = DoubledLogits(model)
+
+    logits = model_logits(model, input_ids, attention_mask)
+
+    for _ in range(2):  # the first call checks the model, the second reads the result
+        rows = predicting_logits(doubled, input_ids, attention_mask, selections)
+        for row, selection in zip(rows, selections, strict=True):
+            torch.testing.assert_close(row, 2 * logits[:, :-1][selection])
+
+
+def test_no_hook_left_behind(model, batch):
+    input_ids, attention_mask, selections = batch
+    before = {
+        name: (len(module._forward_hooks), len(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+    }
+
+    predicting_logits(model, input_ids, attention_mask, selections)
+
+    after = {
+        name: (len(module._forward_hooks), len(module._forward_pre_hooks))
+        for name, module in model.named_modules()
+    }
+    assert after == before
