@@ -15,6 +15,7 @@ MODULES = [
     ("tl_privacy.neurons", "Neuron sets: ablation and storage"),
     ("tl_privacy.objectives", "Loss terms of the localization objective"),
     ("tl_privacy.readout", "Logits at selected positions"),
+    ("tl_privacy.attention", "Fused attention in evaluation"),
     ("tl_privacy.localization", "Localization"),
     ("tl_privacy.models", "Loading and building models"),
     ("tl_privacy.memorize", "Memorization fine-tune"),

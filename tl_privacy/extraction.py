@@ -24,14 +24,18 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from tl_privacy.attention import is_fused
 from tl_privacy.data.tokenization import PIIItem, pad_token_id
 from tl_privacy.hooks import attached
 from tl_privacy.models import model_id
 
 logger = logging.getLogger("tl_privacy")
 
-# Result of _kv_cache_mode() per model. Weak keys let the models be freed.
-_KV_CACHE_MODE: weakref.WeakKeyDictionary[torch.nn.Module, str | None] = weakref.WeakKeyDictionary()
+# Result of _kv_cache_mode() per model and attention path (fused or not). Weak keys let the
+# models be freed.
+_KV_CACHE_MODE: weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, str | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -317,8 +321,10 @@ def _kv_cache_mode(model: Any) -> str | None:
     """Return ``"direct"``, ``"renamed"`` (needs ``_cache_kwarg_renamed``) or None."""
     if not isinstance(model, TransformerBridge):
         return None
-    if model in _KV_CACHE_MODE:
-        return _KV_CACHE_MODE[model]
+    modes = _KV_CACHE_MODE.setdefault(model, {})
+    fused = is_fused(model)
+    if fused in modes:
+        return modes[fused]
 
     mode = None
     match = _cached_logits_match(model)
@@ -333,7 +339,7 @@ def _kv_cache_mode(model: Any) -> str | None:
                 "%s returns different logits with a KV cache, so decoding runs without one",
                 model_id(model),
             )
-    _KV_CACHE_MODE[model] = mode
+    modes[fused] = mode
     return mode
 
 

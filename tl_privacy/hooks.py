@@ -108,6 +108,21 @@ class HookHandles:
             hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not handle]
 
 
+def has_module_hooks(module: torch.nn.Module) -> bool:
+    """Return whether any PyTorch forward or backward hook is attached to ``module`` or below
+    it, TransformerLens hooks included."""
+    for child in module.modules():
+        for hooks in (
+            child._forward_hooks,
+            child._forward_pre_hooks,
+            child._backward_hooks,
+            child._backward_pre_hooks,
+        ):
+            if hooks:
+                return True
+    return False
+
+
 def attach(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> HookHandles:
     """Attach forward hooks persistently; call ``.remove()`` on the result to detach them.
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_privacy.attention import is_fused
 from tl_privacy.data.general import general_text
 from tl_privacy.data.records import PIIRecord
 from tl_privacy.data.synthetic import candidates_for
@@ -1537,8 +1538,11 @@ def _tree_forward(
 
 # ---- KV cache support ----
 
-# Result of tree_cache_mode() per model; weak so models can be freed.
-_TREE_CACHE_MODE: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+# Result of tree_cache_mode() per model and attention path (fused or not); weak so models
+# can be freed.
+_TREE_CACHE_MODE: weakref.WeakKeyDictionary[Any, dict[bool, str | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def tree_cache_mode(model: Any) -> str | None:
@@ -1548,10 +1552,13 @@ def tree_cache_mode(model: Any) -> str | None:
     cache is handed to the attention components under the name they read (see
     :func:`_cache_kwarg_renamed`). The check runs once per model: it scores three tree nodes
     (two siblings and a child) behind a 5-token cache with a 4-D mask and compares their
-    logits with plain forward passes.
+    logits with plain forward passes, once for each attention path
+    (:func:`tl_privacy.attention.fused_attention` on or off).
     """
-    if model in _TREE_CACHE_MODE:
-        return _TREE_CACHE_MODE[model]
+    modes = _TREE_CACHE_MODE.setdefault(model, {})
+    fused = is_fused(model)
+    if fused in modes:
+        return modes[fused]
     mode = None
     for candidate in ("direct", "renamed"):
         renamed = _cache_kwarg_renamed(model) if candidate == "renamed" else nullcontext()
@@ -1566,7 +1573,7 @@ def tree_cache_mode(model: Any) -> str | None:
             break
     if mode is None:
         logger.info("%s: scoring exposure candidates without a KV cache", type(model).__name__)
-    _TREE_CACHE_MODE[model] = mode
+    modes[fused] = mode
     return mode
 
 

@@ -61,7 +61,7 @@ FALLBACK_STEPS = 200
 # candidates bound its exposure at log2(11) = 3.5 bits. 1,000 is the "Secret Sharer" value.
 # SmolLM2 gets 100 (at most log2(101) = 6.66 bits): the demo evaluates six neuron sets, and
 # 1,000 candidates cost about 20 s more per set once ablation lowers the true PII's score.
-# NOTE: the candidate tries still cost up to 140 s for a set that makes the PII unlikely
+# NOTE: the candidate tries still cost up to 100 s for a set that makes the PII unlikely
 # (integrated gradients' 1% set in the demo), because few candidates can be pruned then.
 DEFAULT_CANDIDATES = {TINY: 10, SMOLLM2: 100}
 FALLBACK_CANDIDATES = 1000

@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_privacy.hooks import model_logits
+from tl_privacy.hooks import has_module_hooks, model_logits
 
 # Whether a model's logits are the unembedding of its final residual stream, per model.
 # The keys are weak references, so models can be freed.
@@ -51,7 +51,7 @@ def predicting_logits(
     pass and returns the rows of the full logits.
     """
     unembed = getattr(model, "unembed", None)
-    usable = isinstance(unembed, torch.nn.Module) and not _has_hooks(unembed)
+    usable = isinstance(unembed, torch.nn.Module) and not has_module_hooks(unembed)
     matches = _HEAD_MATCHES.get(model) if usable else False
     if matches is None:
         logits = _checked_logits(model, input_ids, attention_mask)
@@ -121,17 +121,3 @@ def final_residual(
 
 def _unembed(model: Any, rows: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
     return model.unembed(rows[None])[0]
-
-
-def _has_hooks(module: torch.nn.Module) -> bool:
-    """Return whether any forward or backward hook is attached to ``module`` or below it."""
-    for child in module.modules():
-        for hooks in (
-            child._forward_hooks,
-            child._forward_pre_hooks,
-            child._backward_hooks,
-            child._backward_pre_hooks,
-        ):
-            if hooks:
-                return True
-    return False
