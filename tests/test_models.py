@@ -173,3 +173,38 @@ def test_smollm2_second_load_reads_cache(monkeypatch, tmp_path, smollm2):
     assert Path(second.tokenizer.name_or_path) == folder
     assert models.model_fingerprint(first) == models.model_fingerprint(smollm2)
     assert models.model_fingerprint(second) == models.model_fingerprint(smollm2)
+
+
+def test_shared_gguf_reads_keep_weights(monkeypatch, smollm2):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    opened = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    package = models.smollm2_package_folder()
+
+    def convert() -> dict[str, torch.Tensor]:
+        AutoTokenizer.from_pretrained(package, gguf_file=models.SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            package, gguf_file=models.SMOLLM2_GGUF, dtype=torch.float32
+        )
+        return model.state_dict()
+
+    plain = convert()
+    opened_plain = len(opened)
+    opened.clear()
+    with models.gguf_parsed_once():
+        shared = convert()
+
+    assert opened_plain >= 2
+    assert len(opened) == 1
+    assert gguf.GGUFReader is CountedReader
+    assert shared.keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(shared[name], tensor), name
