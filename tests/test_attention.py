@@ -146,3 +146,39 @@ def test_fused_path_skips_pattern_hook(llama_bridge, padded):
             _logits(llama_bridge, padded)
 
     assert fired == []
+
+
+def test_nested_block_with_attention_hook_runs_eager(llama_bridge, padded):
+    fired = []
+    hooks = [(PATTERN_HOOK, lambda pattern, hook: fired.append(1))]
+
+    with torch.no_grad(), fused_attention(llama_bridge):
+        with fused_attention(llama_bridge, [PATTERN_HOOK]) as inner:
+            assert not inner
+            assert not is_fused(llama_bridge)
+            with llama_bridge.hooks(hooks):
+                _logits(llama_bridge, padded)
+        assert is_fused(llama_bridge)
+
+    assert fired == [1]
+    assert not is_fused(llama_bridge)
+
+
+def test_blocks_may_close_out_of_order(llama_bridge):
+    before = _eager_state(llama_bridge)
+    with torch.no_grad():
+        first, second = fused_attention(llama_bridge), fused_attention(llama_bridge)
+        first.__enter__()
+        second.__enter__()
+        # As when two threads share the model: the first block closes first.
+        first.__exit__(None, None, None)
+        assert is_fused(llama_bridge)
+        second.__exit__(None, None, None)
+
+    assert not is_fused(llama_bridge)
+    assert _eager_state(llama_bridge) == before
+
+
+def test_callable_hook_name_keeps_eager(llama_bridge):
+    with torch.no_grad(), fused_attention(llama_bridge, [lambda name: True]) as fused:
+        assert not fused

@@ -139,3 +139,34 @@ def test_no_hook_left_behind(model, batch):
         for name, module in model.named_modules()
     }
     assert after == before
+
+
+class UnembedsTwice(DoubledLogits):
+    """A model that also unembeds a zero vector before its own pass (a logit lens)."""
+
+    def forward(self, input_ids, return_type="logits", **kwargs):
+        self.unembed(torch.zeros(1, 1, self.cfg.d_model))
+        return self.inner(input_ids, return_type=return_type, **kwargs)
+
+
+def test_model_hook_added_later_is_applied(model, batch):
+    input_ids, attention_mask, selections = batch
+    predicting_logits(model, input_ids, attention_mask, selections)  # the first call checks
+    handle = model.register_forward_hook(lambda module, args, out: 2 * out)
+    try:
+        rows = predicting_logits(model, input_ids, attention_mask, selections)
+        logits = model_logits(model, input_ids, attention_mask)
+    finally:
+        handle.remove()
+
+    torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])
+
+
+def test_second_unembedding_uses_full_logits(model, batch):
+    input_ids, attention_mask, selections = batch
+    twice = UnembedsTwice(model)
+    logits = model_logits(model, input_ids, attention_mask)
+
+    for _ in range(2):  # the first call checks the model, the second reads the result
+        rows = predicting_logits(twice, input_ids, attention_mask, selections)
+        torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])

@@ -19,6 +19,7 @@ import types
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,16 +32,52 @@ logger = logging.getLogger("tl_privacy")
 # references, so models can be freed.
 _MATCHES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
-# Models inside a fused_attention block, with the depth of nested blocks.
-_ACTIVE: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# The switch of each model that is inside a fused_attention block. The keys are weak
+# references, so models can be freed.
+_SWITCHES: weakref.WeakKeyDictionary[Any, _Switch] = weakref.WeakKeyDictionary()
 
 # Hook names that fire the same way on both attention paths.
 _SAFE_HOOK = re.compile(r"^blocks\.\d+\.mlp\.")
 
 
+@dataclass
+class _Switch:
+    """The changes fused attention made to one model, kept to undo them.
+
+    ``depth`` counts the open blocks that use the switch; the last one to close undoes it.
+    ``paused`` counts the open nested blocks that run with the bridge's attention.
+    """
+
+    layers: list[torch.nn.Module]
+    configs: list[Any]
+    previous: list[str]
+    own_forwards: list[Any]
+    depth: int = 1
+    paused: int = 0
+
+    def apply(self) -> None:
+        for layer in self.layers:
+            # The base class's forward hands the inputs to the wrapped module. Written into
+            # the instance's __dict__, because the bridge's __setattr__ would pass a
+            # ``forward`` on to the wrapped module.
+            layer.__dict__["forward"] = types.MethodType(_base_forward(), layer)
+        for config in self.configs:
+            config._attn_implementation = "sdpa"
+
+    def undo(self) -> None:
+        for config, previous in zip(self.configs, self.previous, strict=True):
+            config._attn_implementation = previous
+        for layer, own in zip(self.layers, self.own_forwards, strict=True):
+            if own is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.__dict__["forward"] = own
+
+
 def is_fused(model: Any) -> bool:
-    """Return whether ``model`` is inside a :func:`fused_attention` block that switched it on."""
-    return _ACTIVE.get(model, 0) > 0
+    """Return whether ``model``'s passes run with fused attention at this moment."""
+    switch = _SWITCHES.get(model)
+    return switch is not None and switch.paused == 0
 
 
 @contextmanager
@@ -55,40 +92,101 @@ def fused_attention(model: Any, hook_names: Sequence[str] = ()) -> Iterator[bool
     - gradients are enabled (on the CPU its backward pass was slower than the bridge's);
     - a hook is attached inside an attention layer, or ``hook_names`` (hooks the block will
       attach) has a name outside ``blocks.{L}.mlp``;
-    - the first check on this model found other logits with it: in float32, on a padded
-      batch of two rows, the largest difference must stay within 1e-4 of the largest logit.
+    - the first check on this model found other logits with it: in the model's own dtype
+      without autocast, on a padded batch of two rows, the largest difference must stay
+      within 1e-4 of the largest logit. A model with bfloat16 weights fails it. The result
+      is kept for the model's lifetime.
 
     The checks run on entry, so a hook attached inside the block after fused attention
     switched on does not receive the attention activations: name such hooks in ``hook_names``.
+    A nested block whose checks fail runs with the bridge's attention until it closes.
+
+    NOTE: the switch changes the model object itself, so while a block is open, passes of
+    the same model on other threads run with fused attention too.
 
     Args:
         model: the model whose passes run inside the block.
         hook_names: names of the hooks that the block attaches after entering.
     """
     layers = _attention_layers(model)
-    if is_fused(model):
-        _ACTIVE[model] += 1
-        try:
-            yield True
-        finally:
-            _ACTIVE[model] -= 1
-        return
     usable = (
         layers is not None
         and not torch.is_grad_enabled()
-        and all(_SAFE_HOOK.match(name) for name in hook_names)
+        and all(isinstance(name, str) and _SAFE_HOOK.match(name) for name in hook_names)
         and not any(has_module_hooks(layer) for layer in layers)
-        and _logits_match(model, layers)
     )
-    if not usable:
+    switch = _SWITCHES.get(model)
+    if switch is not None:
+        with _nested(model, switch, usable) as fused:
+            yield fused
+        return
+    if not (usable and _logits_match(model, layers)):
         yield False
         return
-    with _switched(model, layers):
-        _ACTIVE[model] = 1
+    switch = _switch_on(model, layers)
+    try:
+        yield True
+    finally:
+        _release(model, switch)
+
+
+@contextmanager
+def _nested(model: Any, switch: _Switch, usable: bool) -> Iterator[bool]:
+    """Open a block inside another block on the same model: fused if ``usable`` and the outer
+    block is fused, else with the bridge's attention until it closes."""
+    if usable and switch.paused == 0:
+        switch.depth += 1
         try:
             yield True
         finally:
-            del _ACTIVE[model]
+            _release(model, switch)
+        return
+    if switch.paused == 0:
+        switch.undo()
+    switch.paused += 1
+    try:
+        yield False
+    finally:
+        switch.paused -= 1
+        if switch.paused == 0:
+            switch.apply()
+
+
+def _switch_on(model: Any, layers: list[torch.nn.Module]) -> _Switch:
+    """Make every attention bridge call its Hugging Face module with SDPA."""
+    configs = {id(model.original_model.config): model.original_model.config}
+    for layer in layers:
+        config = getattr(layer.original_component, "config", None)
+        if config is not None:
+            configs[id(config)] = config
+    switch = _Switch(
+        layers=layers,
+        configs=list(configs.values()),
+        previous=[config._attn_implementation for config in configs.values()],
+        own_forwards=[layer.__dict__.get("forward") for layer in layers],
+    )
+    try:
+        switch.apply()
+    except BaseException:
+        switch.undo()
+        raise
+    _SWITCHES[model] = switch
+    return switch
+
+
+def _release(model: Any, switch: _Switch) -> None:
+    """Close one block of ``switch``; the last one undoes the switch."""
+    switch.depth -= 1
+    if switch.depth == 0:
+        switch.undo()
+        if _SWITCHES.get(model) is switch:
+            del _SWITCHES[model]
+
+
+def _base_forward() -> Any:
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    return AttentionBridge.forward
 
 
 def _attention_layers(model: Any) -> list[torch.nn.Module] | None:
@@ -110,38 +208,6 @@ def _attention_layers(model: Any) -> list[torch.nn.Module] | None:
     return layers
 
 
-@contextmanager
-def _switched(model: Any, layers: list[torch.nn.Module]) -> Iterator[None]:
-    """Make every attention bridge call its Hugging Face module with SDPA, and restore both."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    configs = {id(model.original_model.config): model.original_model.config}
-    for layer in layers:
-        config = getattr(layer.original_component, "config", None)
-        if config is not None:
-            configs[id(config)] = config
-    previous = {key: config._attn_implementation for key, config in configs.items()}
-    own_forwards = {id(layer): layer.__dict__.get("forward") for layer in layers}
-    try:
-        for layer in layers:
-            # The base class's forward hands the inputs to the wrapped module. Written into
-            # the instance's __dict__, because the bridge's __setattr__ would pass a
-            # ``forward`` on to the wrapped module.
-            layer.__dict__["forward"] = types.MethodType(AttentionBridge.forward, layer)
-        for config in configs.values():
-            config._attn_implementation = "sdpa"
-        yield
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation = previous[key]
-        for layer in layers:
-            own = own_forwards[id(layer)]
-            if own is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.__dict__["forward"] = own
-
-
 def _logits_match(model: Any, layers: list[torch.nn.Module]) -> bool:
     if model in _MATCHES:
         return _MATCHES[model]
@@ -154,8 +220,11 @@ def _logits_match(model: Any, layers: list[torch.nn.Module]) -> bool:
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             expected = model(tokens, attention_mask=mask, return_type="logits").float()
-            with _switched(model, layers):
+            switch = _switch_on(model, layers)
+            try:
                 actual = model(tokens, attention_mask=mask, return_type="logits").float()
+            finally:
+                _release(model, switch)
     except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as error:
         logger.info("fused attention failed on %s: %s", type(model).__name__, error)
         matches = False

@@ -101,8 +101,9 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
     """Return the cached float32 SmolLM2-135M folder, converting the GGUF file on first use.
 
     The conversion dequantizes the embedded 4-bit GGUF file with ``transformers`` (about 5 s
-    on two CPU cores, see :func:`gguf_parsed_once`) and writes ``model.safetensors``, ``config.json`` and the tokenizer
-    files atomically, so an interrupted conversion leaves no entry behind.
+    on two CPU cores, see :func:`gguf_parsed_once`) and writes ``model.safetensors``,
+    ``config.json`` and the tokenizer files atomically, so an interrupted conversion leaves no
+    entry behind.
     """
     folder = cache_entry("models", SMOLLM2_CACHE_KEY, cache_dir)
     if (folder / "config.json").is_file():

@@ -6,10 +6,10 @@ SmolLM2). Taking ``logits[:, :-1][selected]`` from the model's full output write
 ``[batch, pos, d_vocab]`` tensor in the forward pass, and its backward pass fills that
 shape with zeros once per selection before scattering the rows back. Stopping the model
 at the unembedding and unembedding the selected positions alone keeps every
-vocabulary-sized tensor as small as the selection. With SmolLM2's shapes (8 records of
-about 105 tokens, bfloat16, 2 CPU threads) the loss terms' forward and backward pass took
-0.17 s this way against 0.30 s from the full logits in a microbenchmark, and a
-localization step 1.17 s against 1.31 s.
+vocabulary-sized tensor as small as the selection. In a microbenchmark with SmolLM2's
+shapes (8 records of about 105 tokens, bfloat16, 2 CPU threads), the loss terms' forward and
+backward pass took 0.17 s this way against 0.30 s from the full logits. A localization step
+took 1.17 s against 1.31 s.
 """
 
 from __future__ import annotations
@@ -44,14 +44,22 @@ def predicting_logits(
     Position ``t`` of ``logits[:, :-1]`` predicts token ``t + 1``, as in
     :mod:`tl_privacy.objectives`. Where the model allows it, the forward pass stops at the
     unembedding and only the selected positions are unembedded, so that no
-    ``[batch, pos, d_vocab]`` tensor is built in either direction. The full logits are
-    computed instead when a hook is attached to the unembedding (it would not fire) and
-    when the model's logits are not its unembedding of the final residual stream (a logit
-    soft-cap, for example). The first call on a model checks the latter on its own forward
+    ``[batch, pos, d_vocab]`` tensor is built in either direction. Three cases compute the
+    full logits instead: a hook attached to the unembedding (it would not fire), a forward
+    hook on the model or its wrapped Hugging Face model (it could change the logits), and a
+    model whose logits are not its unembedding of the final residual stream (a logit
+    soft-cap, for example). The first call on a model checks the last case on its own forward
     pass and returns the rows of the full logits.
+
+    NOTE: while the forward pass runs, a pre-hook on ``model.unembed`` stops any pass of the
+    same model, so do not run the model from another thread meanwhile.
     """
     unembed = getattr(model, "unembed", None)
-    usable = isinstance(unembed, torch.nn.Module) and not has_module_hooks(unembed)
+    usable = (
+        isinstance(unembed, torch.nn.Module)
+        and not has_module_hooks(unembed)
+        and not _changes_outputs(model)
+    )
     matches = _HEAD_MATCHES.get(model) if usable else False
     if matches is None:
         logits = _checked_logits(model, input_ids, attention_mask)
@@ -74,10 +82,10 @@ def _checked_logits(
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Run ``model`` in full, record whether its logits are its unembedding of the
     residual stream that enters the unembedding, and return the logits."""
-    captured: dict[str, Tensor] = {}
+    captured: list[Tensor] = []
 
     def capture(module: Any, args: tuple[Any, ...]) -> None:
-        captured["residual"] = args[0]
+        captured.append(args[0])
 
     handle = model.unembed.register_forward_pre_hook(capture)
     try:
@@ -85,8 +93,9 @@ def _checked_logits(
     finally:
         handle.remove()
     matches = False
-    residual = captured.get("residual")
-    if residual is not None:
+    # final_residual stops at the first call, so a model that unembeds twice is not read.
+    if len(captured) == 1:
+        residual = captured[0]
         with torch.no_grad():
             # The same call on the same tensor as the model's own, so equal bit for bit
             # unless something changes the logits after the unembedding.
@@ -117,6 +126,14 @@ def final_residual(
     finally:
         handle.remove()
     return captured.get("residual")
+
+
+def _changes_outputs(model: Any) -> bool:
+    """Return whether a forward hook on ``model`` or its wrapped model could change the logits."""
+    for module in (model, getattr(model, "original_model", None)):
+        if isinstance(module, torch.nn.Module) and module._forward_hooks:
+            return True
+    return False
 
 
 def _unembed(model: Any, rows: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
