@@ -148,7 +148,7 @@ def test_fused_path_skips_pattern_hook(llama_bridge, padded):
     assert fired == []
 
 
-def test_nested_block_with_attention_hook_runs_eager(llama_bridge, padded):
+def test_nested_attention_hook_runs_eager(llama_bridge, padded):
     fired = []
     hooks = [(PATTERN_HOOK, lambda pattern, hook: fired.append(1))]
 

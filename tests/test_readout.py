@@ -39,6 +39,14 @@ class DoubledLogits(torch.nn.Module):
         return 2 * self.inner(input_ids, return_type=return_type, **kwargs)
 
 
+class UnembedsTwice(DoubledLogits):
+    """A model that also unembeds a zero vector before its own pass (a logit lens)."""
+
+    def forward(self, input_ids, return_type="logits", **kwargs):
+        self.unembed(torch.zeros(1, 1, self.cfg.d_model))
+        return self.inner(input_ids, return_type=return_type, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_model(d_mlp=64, seed=0)
@@ -113,16 +121,28 @@ def test_unembedding_hook_still_fires(model, batch):
     torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])
 
 
-def test_soft_capped_logits_read_in_full(model, batch):
+@pytest.mark.parametrize(
+    ("wrapper", "scale"),
+    [(DoubledLogits, 2), (UnembedsTwice, 1)],
+    ids=["soft_capped", "unembeds_twice"],
+)
+def test_unusual_heads_read_in_full(model, batch, wrapper, scale):
     input_ids, attention_mask, selections = batch
-    doubled = DoubledLogits(model)
-
+    wrapped = wrapper(model)
     logits = model_logits(model, input_ids, attention_mask)
 
     for _ in range(2):  # the first call checks the model, the second reads the result
-        rows = predicting_logits(doubled, input_ids, attention_mask, selections)
+        rows = predicting_logits(wrapped, input_ids, attention_mask, selections)
         for row, selection in zip(rows, selections, strict=True):
-            torch.testing.assert_close(row, 2 * logits[:, :-1][selection])
+            torch.testing.assert_close(row, scale * logits[:, :-1][selection])
+
+
+def test_misshaped_selection_raises(model, batch):
+    input_ids, attention_mask, _ = batch
+    whole = torch.ones_like(input_ids, dtype=torch.bool)
+
+    with pytest.raises(ValueError, match=r"selection has shape \(4, 12\)"):
+        predicting_logits(model, input_ids, attention_mask, [whole])
 
 
 def test_no_hook_left_behind(model, batch):
@@ -141,14 +161,6 @@ def test_no_hook_left_behind(model, batch):
     assert after == before
 
 
-class UnembedsTwice(DoubledLogits):
-    """A model that also unembeds a zero vector before its own pass (a logit lens)."""
-
-    def forward(self, input_ids, return_type="logits", **kwargs):
-        self.unembed(torch.zeros(1, 1, self.cfg.d_model))
-        return self.inner(input_ids, return_type=return_type, **kwargs)
-
-
 def test_model_hook_added_later_is_applied(model, batch):
     input_ids, attention_mask, selections = batch
     predicting_logits(model, input_ids, attention_mask, selections)  # the first call checks
@@ -160,13 +172,3 @@ def test_model_hook_added_later_is_applied(model, batch):
         handle.remove()
 
     torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])
-
-
-def test_second_unembedding_uses_full_logits(model, batch):
-    input_ids, attention_mask, selections = batch
-    twice = UnembedsTwice(model)
-    logits = model_logits(model, input_ids, attention_mask)
-
-    for _ in range(2):  # the first call checks the model, the second reads the result
-        rows = predicting_logits(twice, input_ids, attention_mask, selections)
-        torch.testing.assert_close(rows[0], logits[:, :-1][selections[0]])

@@ -36,7 +36,7 @@ _MATCHES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 # references, so models can be freed.
 _SWITCHES: weakref.WeakKeyDictionary[Any, _Switch] = weakref.WeakKeyDictionary()
 
-# Hook names that fire the same way on both attention paths.
+# Names of the hooks that fused attention leaves unchanged: those inside the MLP layers.
 _SAFE_HOOK = re.compile(r"^blocks\.\d+\.mlp\.")
 
 
@@ -60,7 +60,7 @@ class _Switch:
             # The base class's forward hands the inputs to the wrapped module. Written into
             # the instance's __dict__, because the bridge's __setattr__ would pass a
             # ``forward`` on to the wrapped module.
-            layer.__dict__["forward"] = types.MethodType(_base_forward(), layer)
+            layer.__dict__["forward"] = types.MethodType(_bridge_class().forward, layer)
         for config in self.configs:
             config._attn_implementation = "sdpa"
 
@@ -183,25 +183,25 @@ def _release(model: Any, switch: _Switch) -> None:
             del _SWITCHES[model]
 
 
-def _base_forward() -> Any:
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    return AttentionBridge.forward
-
-
-def _attention_layers(model: Any) -> list[torch.nn.Module] | None:
-    """Return the attention bridges of ``model``'s blocks, or None if it has none to switch."""
+def _bridge_class() -> type | None:
+    """Return TransformerLens 4's ``AttentionBridge``, or None under TransformerLens 3."""
     try:
         from transformer_lens.model_bridge.generalized_components.attention import (
             AttentionBridge,
         )
-    except ImportError:  # TransformerLens 3 has no bridges.
+    except ImportError:
         return None
+    return AttentionBridge
+
+
+def _attention_layers(model: Any) -> list[torch.nn.Module] | None:
+    """Return the attention bridges of ``model``'s blocks, or None if it has none to switch."""
+    bridge_class = _bridge_class()
     config = getattr(getattr(model, "original_model", None), "config", None)
-    if config is None or not hasattr(config, "_attn_implementation"):
+    if bridge_class is None or config is None or not hasattr(config, "_attn_implementation"):
         return None
     layers = [getattr(block, "attn", None) for block in getattr(model, "blocks", [])]
-    if not layers or not all(isinstance(layer, AttentionBridge) for layer in layers):
+    if not layers or not all(isinstance(layer, bridge_class) for layer in layers):
         return None
     if any(layer.original_component is None for layer in layers):
         return None
@@ -209,6 +209,8 @@ def _attention_layers(model: Any) -> list[torch.nn.Module] | None:
 
 
 def _logits_match(model: Any, layers: list[torch.nn.Module]) -> bool:
+    """Compare ``model``'s logits with and without fused attention on a padded batch, once
+    per model (see :func:`fused_attention`)."""
     if model in _MATCHES:
         return _MATCHES[model]
     parameter = next(iter(model.parameters()), None)

@@ -44,16 +44,32 @@ def predicting_logits(
     Position ``t`` of ``logits[:, :-1]`` predicts token ``t + 1``, as in
     :mod:`tl_privacy.objectives`. Where the model allows it, the forward pass stops at the
     unembedding and only the selected positions are unembedded, so that no
-    ``[batch, pos, d_vocab]`` tensor is built in either direction. Three cases compute the
-    full logits instead: a hook attached to the unembedding (it would not fire), a forward
-    hook on the model or its wrapped Hugging Face model (it could change the logits), and a
-    model whose logits are not its unembedding of the final residual stream (a logit
-    soft-cap, for example). The first call on a model checks the last case on its own forward
-    pass and returns the rows of the full logits.
+    ``[batch, pos, d_vocab]`` tensor is built in either direction.
+
+    Three cases compute the full logits instead:
+
+    - a hook attached to the unembedding, which would not fire otherwise;
+    - a forward hook on the model or its wrapped Hugging Face model, which could change the
+      logits;
+    - a model whose logits are not its unembedding of the final residual stream (a logit
+      soft-cap, for example). The first call on a model checks this on its own forward pass
+      and returns the rows of the full logits.
+
+    Raises:
+        ValueError: when a selection is not shaped ``[batch, pos - 1]``.
 
     NOTE: while the forward pass runs, a pre-hook on ``model.unembed`` stops any pass of the
     same model, so do not run the model from another thread meanwhile.
     """
+    expected = (input_ids.shape[0], input_ids.shape[1] - 1)
+    for selection in selections:
+        if tuple(selection.shape) != expected:
+            raise ValueError(
+                f"a selection has shape {tuple(selection.shape)}, but the predicting positions "
+                f"of input_ids {tuple(input_ids.shape)} are {expected}; select over "
+                "logits[:, :-1], as tl_privacy.objectives.shifted_targets does"
+            )
+
     unembed = getattr(model, "unembed", None)
     usable = (
         isinstance(unembed, torch.nn.Module)
