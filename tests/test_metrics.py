@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tl_privacy import models
+from tl_privacy import metrics, models
 from tl_privacy.data.records import PIIRecord, PIISpan
 from tl_privacy.extraction import exact_match_teacher_forced
 from tl_privacy.metrics import (
@@ -207,6 +207,37 @@ def test_trie_ranks_match_brute_force(
     assert result.ranks == brute_force_ranks(model, tiny_tokenizer, items, config)
     assert len(result.items) == len(items)
     assert all(item.n_candidates == 12 for item in result.items)
+
+
+@pytest.mark.parametrize("trie_mode", ["levels", "whole"])
+def test_cache_compaction_keeps_ranks(
+    trie_mode, llama_bridge, tiny_tokenizer, synthetic_corpus, monkeypatch
+):
+    records = synthetic_corpus.train[:3]
+    config = ExposureConfig(
+        n_candidates=12,
+        max_job_nodes=24,
+        rows_per_pass=2,
+        seed=3,
+        trie_mode=trie_mode,
+        max_query_tokens=8,
+    )
+    monkeypatch.setattr(metrics, "_MIN_COLUMNS_TO_COMPACT", 1)
+    dropped = []
+    compact = metrics._CachedRunner._compact
+
+    def counting_compact(runner):
+        before = runner.cache_len
+        compact(runner)
+        dropped.append(before - runner.cache_len)
+
+    monkeypatch.setattr(metrics._CachedRunner, "_compact", counting_compact)
+
+    result = exposure_scores(llama_bridge, tiny_tokenizer, records, config=config, batch_size=2)
+    items = record_metrics(llama_bridge, tiny_tokenizer, records).items
+
+    assert sum(dropped) > 0
+    assert result.ranks == brute_force_ranks(llama_bridge, tiny_tokenizer, items, config)
 
 
 def _first_level_state(bound: float, first_token_score: float) -> _JobState:

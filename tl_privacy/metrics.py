@@ -289,8 +289,9 @@ class ExposureConfig:
             contiguous candidates with tries of about this size.
         max_row_nodes: trie nodes per batch row. Jobs of one record share a row (and its
             cached keys and values) up to this many nodes, which bounds the cache and the
-            attention cost of a row. Every node of a row stays in its cache until the row is
-            done, so each query attends to up to this many columns besides the prefix. On
+            attention cost of a row. A node's keys and values stay in the cache while a node
+            below it may still run, so each query attends to up to this many columns besides
+            the prefix. On
             SmolLM2 with nothing pruned (80 held-out items, 100 candidates each, bfloat16,
             2 CPU threads, level by level in passes of 512 nodes) rows of 512 nodes took
             93 s against 146 s with 2,048 and 125 s with 256 (more rows, smaller passes).
@@ -1271,6 +1272,8 @@ class _CachedRunner:
         self.cache = copy.deepcopy(cache)
         self.cache.batch_select_indices(torch.tensor([row[0].row for row in rows]))
         self.cache_len = int(self.cache.get_seq_length())
+        # Columns below this hold the records' own keys and values; the ones after, trie nodes.
+        self.record_len = self.cache_len
         self.pad_id = _model_pad_id(model)
 
     def run(self, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -1291,11 +1294,46 @@ class _CachedRunner:
                 (nodes[start : start + per_row], owners[start : start + per_row])
                 for nodes, owners in queues
             ]
+            self._compact()
             logits = self._forward(chunks)
             for row, (nodes, owners) in enumerate(chunks):
                 for position in owners.unique().tolist():
                     selected = (owners == position).nonzero().flatten()
                     yield position, nodes[selected], logits[row, selected.to(logits.device)]
+
+    def _compact(self) -> None:
+        """Drop the cache columns of trie nodes that no node still to run descends from.
+
+        Every pass appends a column per query to every row, and each query attends over all
+        columns, masked or not; after a few levels most columns belonged to pruned or
+        finished branches. Dropping them keeps the attention and the cache's own copies
+        about as large as the prefix plus one branch. Caches other than transformers'
+        plain ``DynamicLayer`` ones (sliding windows, older versions) are left whole.
+        """
+        if self.cache_len - self.record_len < _MIN_COLUMNS_TO_COMPACT:
+            return
+        layers = _plain_cache_layers(self.cache)
+        if layers is None:
+            return
+        keep = torch.zeros(self.cache_len, dtype=torch.bool)
+        keep[: self.record_len] = True
+        for state in self.states:
+            needed = _has_pending_descendant(state) & (state.cols >= self.record_len)
+            keep[state.cols[needed]] = True
+        kept = keep.nonzero().flatten()
+        if len(kept) == self.cache_len:
+            return
+
+        new_column = torch.full((self.cache_len,), _DROPPED, dtype=torch.long)
+        new_column[kept] = torch.arange(len(kept))
+        index = kept.to(layers[0].keys.device)
+        for layer in layers:
+            layer.keys = layer.keys.index_select(2, index)
+            layer.values = layer.values.index_select(2, index)
+        for state in self.states:
+            appended = state.cols >= self.record_len
+            state.cols[appended] = new_column[state.cols[appended]]
+        self.cache_len = len(kept)
 
     def _forward(self, chunks: list[tuple[Tensor, Tensor]]) -> Tensor:
         n_rows = len(chunks)
@@ -1357,6 +1395,47 @@ class _CachedRunner:
                 )
             visible[row, queries[has], cols] = True
             ancestors = torch.where(has, job.parents[ancestors.clamp_min(0)], ancestors)
+
+
+_MIN_COLUMNS_TO_COMPACT = 64
+"""Trie columns a runner's cache holds before :meth:`_CachedRunner._compact` looks at them."""
+
+_DROPPED = -2
+"""``_JobState.cols`` of a node whose cache column was dropped (-1: never run)."""
+
+
+def _has_pending_descendant(state: _JobState) -> Tensor:
+    """Return, per node, whether a node below it may still run as a query.
+
+    Such a node has children and has not run yet. Neither it nor an ancestor is scored
+    below the bound, since those branches are pruned; unscored nodes may still run. Its
+    query attends to every ancestor's column.
+    """
+    job = state.job
+    pruned = (state.cum > -math.inf) & (state.cum < state.bound)
+    for level in job.levels[1:]:
+        pruned[level] |= pruned[job.parents[level]]
+    pending = job.has_children & (state.cols == -1) & ~pruned
+    under = torch.zeros(job.n_nodes, dtype=torch.bool)
+    for level in reversed(job.levels[1:]):
+        flagged = level[pending[level] | under[level]]
+        under[job.parents[flagged]] = True
+    return under
+
+
+def _plain_cache_layers(cache: Any) -> list[Any] | None:
+    """Return the layers of a transformers ``DynamicCache`` made of plain ``DynamicLayer``
+    layers only, whose columns can be selected freely; None for any other cache."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    if any(layer.keys is None or layer.keys.dim() != 4 for layer in layers):
+        return None
+    return list(layers)
 
 
 # ---- greedy decoding behind the record's forward pass ----
