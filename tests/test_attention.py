@@ -182,3 +182,47 @@ def test_blocks_may_close_out_of_order(llama_bridge):
 def test_callable_hook_name_keeps_eager(llama_bridge):
     with torch.no_grad(), fused_attention(llama_bridge, [lambda name: True]) as fused:
         assert not fused
+
+
+def test_grouped_sdpa_matches_transformers_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tl_privacy.attention import _grouped_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    module.is_causal = True
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 5, 8, generator=generator)
+    key, value = torch.randn(2, 2, 9, 8, generator=generator), torch.randn(2, 2, 9, 8)
+    visible = torch.rand(2, 1, 5, 9, generator=generator) > 0.4
+    visible[..., 0] = True
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+
+    for attention_mask in (mask, None):
+        ours, _ = _grouped_sdpa(module, query, key, value, attention_mask, scaling=0.3)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_fused_blocks_use_grouped_sdpa(llama_bridge, padded, monkeypatch):
+    from tl_privacy import attention
+
+    calls = []
+    grouped = attention._grouped_sdpa
+
+    def counting(module, query, key, value, attention_mask, *args, **kwargs):
+        calls.append(key.shape[1] < query.shape[1])
+        return grouped(module, query, key, value, attention_mask, *args, **kwargs)
+
+    # The registry keeps the function object, so the spy replaces it there.
+    from transformers import AttentionInterface
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention._GROUPED_SDPA, counting)
+    with torch.no_grad(), fused_attention(llama_bridge) as fused:
+        calls.clear()  # the first block on a model runs its own check pass
+        _logits(llama_bridge, padded)
+
+    assert fused
+    # The tiny Llama has 4 query heads over 2 key-value heads in each of its 2 layers.
+    assert calls == [True, True]
