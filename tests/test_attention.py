@@ -226,3 +226,18 @@ def test_fused_blocks_use_grouped_sdpa(llama_bridge, padded, monkeypatch):
     assert fused
     # The tiny Llama has 4 query heads over 2 key-value heads in each of its 2 layers.
     assert calls == [True, True]
+
+
+def test_fused_greedy_decoding_of_left_padded_prefixes(llama_bridge):
+    # greedy_decode pads on the left, where attention needs the padding mask.
+    from tl_privacy.extraction import greedy_decode
+
+    generator = torch.Generator().manual_seed(0)
+    prefixes = [torch.randint(5, 500, (length,), generator=generator) for length in (12, 4, 7)]
+    with torch.no_grad():
+        eager = greedy_decode(llama_bridge, prefixes, 8)
+        with fused_attention(llama_bridge) as fused:
+            tokens = greedy_decode(llama_bridge, prefixes, 8)
+
+    assert fused
+    assert [row.tolist() for row in tokens] == [row.tolist() for row in eager]

@@ -240,6 +240,20 @@ def test_cache_compaction_keeps_ranks(
     assert result.ranks == brute_force_ranks(llama_bridge, tiny_tokenizer, items, config)
 
 
+def test_child_log_probs_of_float64_logits_are_float32():
+    job = _build_trie((1, 2), [(3, 4), (3, 5)])
+    parents = job.levels[0]
+    logits = torch.randn(len(parents), 8, dtype=torch.float64)
+
+    children, log_probs = metrics._child_log_probs(logits, job, parents)
+
+    assert log_probs.dtype == torch.float32
+    expected = torch.log_softmax(logits, -1)[
+        (job.parents[children, None] == parents).int().argmax(1), job.tokens[children]
+    ]
+    torch.testing.assert_close(log_probs, expected.float())
+
+
 def _first_level_state(bound: float, first_token_score: float) -> _JobState:
     """A job of 20 four-token candidates with distinct first tokens, scored at level 1."""
     job = _build_trie((1, 2, 3, 4), [(10 + i, 6, 7, 8) for i in range(20)])

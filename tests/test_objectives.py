@@ -42,7 +42,7 @@ def test_row_log_probs_match_log_softmax_in_float64():
     assert torch.autograd.gradcheck(lambda x: row_log_probs(x, targets), (rows,))
 
 
-def test_row_log_probs_of_bfloat16_rows_are_float32_with_bfloat16_gradients():
+def test_row_log_probs_of_bfloat16_rows():
     rows = _rows(torch.bfloat16)
     targets = torch.arange(N_ROWS) % VOCAB
 
@@ -126,3 +126,19 @@ def test_logsumexp_float32_of_bfloat16_rows():
 
     assert value.dtype == torch.float32
     torch.testing.assert_close(value, rows.float().logsumexp(-1))
+
+
+@pytest.mark.parametrize("form", ["sequence", "unlikelihood", "capped_ce"])
+def test_pii_suppression_of_float64_rows(form):
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5, 6]]),
+        "attention_mask": torch.ones(1, 6, dtype=torch.long),
+        "pii_mask": torch.tensor([[0, 0, 1, 1, 0, 1]]),
+    }
+    rows = _rows(torch.float64)[:3].detach().requires_grad_()  # one row per PII token
+
+    value = objectives.pii_suppression_from_rows(rows, batch, form)
+    value.backward()
+
+    assert value.dtype == torch.float64
+    assert torch.isfinite(rows.grad).all()

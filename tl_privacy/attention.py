@@ -96,7 +96,8 @@ def fused_attention(model: Any, hook_names: Sequence[str] = ()) -> Iterator[bool
     - a hook is attached inside an attention layer, or ``hook_names`` (hooks the block will
       attach) has a name outside ``blocks.{L}.mlp``;
     - the first check on this model found other logits with it: in the model's own dtype
-      without autocast, on a padded batch of two rows, the largest difference must stay
+      without autocast, on a batch with a right-padded and a left-padded row, the largest
+      difference must stay
       within 1e-4 of the largest logit. A model with bfloat16 weights fails it. The result
       is kept for the model's lifetime.
 
@@ -217,13 +218,20 @@ _GROUPED_SDPA = "tl_privacy_grouped_sdpa"
 
 def _attention_function() -> str:
     """Register :func:`_grouped_sdpa` with transformers once and return its name, or return
-    ``"sdpa"`` when this transformers version has no attention registry."""
+    ``"sdpa"`` when this transformers version has no attention and mask registries.
+
+    The name gets SDPA's mask function too: transformers builds no padding mask at all for
+    an attention name its mask registry does not know.
+    """
     try:
         from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     except ImportError:
         return "sdpa"
     if _GROUPED_SDPA not in AttentionInterface._global_mapping:
         AttentionInterface.register(_GROUPED_SDPA, _grouped_sdpa)
+    if _GROUPED_SDPA not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(_GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     return _GROUPED_SDPA
 
 
@@ -276,9 +284,11 @@ def _logits_match(model: Any, layers: list[torch.nn.Module]) -> bool:
     parameter = next(iter(model.parameters()), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     vocab = int(model.cfg.d_vocab)
-    tokens = (torch.arange(1, 13, device=device) % vocab).view(2, 6)
+    tokens = (torch.arange(1, 19, device=device) % vocab).view(3, 6)
+    # Right and left padding: a kernel that ignores the mask is exact on the first alone.
     mask = torch.ones_like(tokens)
     mask[1, -2:] = 0
+    mask[2, :2] = 0
     try:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             expected = model(tokens, attention_mask=mask, return_type="logits").float()

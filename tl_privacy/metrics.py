@@ -1178,7 +1178,8 @@ def _child_log_probs(
     picked = logits[rows, tokens].float()
     if normalized:
         return children, picked.cpu()
-    return children, (picked - logsumexp_float32(logits)[rows]).cpu()
+    # float64 logits give float64 sums; the scores are float32 like the rest of the trie.
+    return children, (picked - logsumexp_float32(logits)[rows]).float().cpu()
 
 
 def _subtree(job: _TrieJob, roots: Tensor) -> Tensor:
@@ -1272,7 +1273,8 @@ class _CachedRunner:
         self.cache = copy.deepcopy(cache)
         self.cache.batch_select_indices(torch.tensor([row[0].row for row in rows]))
         self.cache_len = int(self.cache.get_seq_length())
-        # Columns below this hold the records' own keys and values; the ones after, trie nodes.
+        # Columns below this are the records' own keys and values, and the ones after are
+        # trie nodes'.
         self.record_len = self.cache_len
         self.pad_id = _model_pad_id(model)
 
@@ -1305,7 +1307,7 @@ class _CachedRunner:
         """Drop the cache columns of trie nodes that no node still to run descends from.
 
         Every pass appends a column per query to every row, and each query attends over all
-        columns, masked or not; after a few levels most columns belonged to pruned or
+        columns, masked or not. After a few levels most columns belong to pruned or
         finished branches. Dropping them keeps the attention and the cache's own copies
         about as large as the prefix plus one branch. Caches other than transformers'
         plain ``DynamicLayer`` ones (sliding windows, older versions) are left whole.
@@ -1398,7 +1400,7 @@ class _CachedRunner:
 
 
 _MIN_COLUMNS_TO_COMPACT = 64
-"""Trie columns a runner's cache holds before :meth:`_CachedRunner._compact` looks at them."""
+"""Trie columns a runner's cache must contain before :meth:`_CachedRunner._compact` runs."""
 
 _DROPPED = -2
 """``_JobState.cols`` of a node whose cache column was dropped (-1: never run)."""
