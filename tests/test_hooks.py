@@ -110,3 +110,25 @@ def test_model_hooks_context_accepts_our_hooks(model, tokens):
 
     assert torch.equal(masked, via_run)
     assert hook_counts(model) == [0, 0]
+
+
+def test_attaching_reads_the_hook_dict_once(model, monkeypatch):
+    # TransformerBridge builds hook_dict on every access, so attach looks it up once.
+    hook_dict = getattr(type(model), "hook_dict", None)
+    if not isinstance(hook_dict, property):
+        pytest.skip("hook_dict is a plain attribute here (TransformerLens 3)")
+    reads = []
+
+    def counted(self):
+        reads.append(1)
+        return hook_dict.fget(self)
+
+    monkeypatch.setattr(type(model), "hook_dict", property(counted))
+    hooks = HardConcreteMask.for_model(model).fwd_hooks()
+    reads.clear()  # for_model checks the model's hook points first
+
+    with attached(model, hooks):
+        pass
+
+    assert len(hooks) > 1
+    assert len(reads) == 1
