@@ -228,7 +228,7 @@ def test_fused_blocks_use_grouped_sdpa(llama_bridge, padded, monkeypatch):
     assert calls == [True, True]
 
 
-def test_fused_greedy_decoding_of_left_padded_prefixes(llama_bridge):
+def test_fused_greedy_left_padding(llama_bridge):
     # greedy_decode pads on the left, where attention needs the padding mask.
     from tl_privacy.extraction import greedy_decode
 

@@ -112,8 +112,8 @@ def test_model_hooks_context_accepts_our_hooks(model, tokens):
     assert hook_counts(model) == [0, 0]
 
 
-def test_attaching_reads_the_hook_dict_once(model, monkeypatch):
-    # TransformerBridge builds hook_dict on every access, so attach looks it up once.
+def test_attach_reads_hook_dict_once(model, monkeypatch):
+    # TransformerBridge builds a new hook_dict on every access, so attach looks it up once.
     hook_dict = getattr(type(model), "hook_dict", None)
     if not isinstance(hook_dict, property):
         pytest.skip("hook_dict is a plain attribute here (TransformerLens 3)")

@@ -240,7 +240,7 @@ def test_cache_compaction_keeps_ranks(
     assert result.ranks == brute_force_ranks(llama_bridge, tiny_tokenizer, items, config)
 
 
-def test_child_log_probs_of_float64_logits_are_float32():
+def test_child_log_probs_float64_logits():
     job = _build_trie((1, 2), [(3, 4), (3, 5)])
     parents = job.levels[0]
     logits = torch.randn(len(parents), 8, dtype=torch.float64)

@@ -97,9 +97,8 @@ def fused_attention(model: Any, hook_names: Sequence[str] = ()) -> Iterator[bool
       attach) has a name outside ``blocks.{L}.mlp``;
     - the first check on this model found other logits with it: in the model's own dtype
       without autocast, on a batch with a right-padded and a left-padded row, the largest
-      difference must stay
-      within 1e-4 of the largest logit. A model with bfloat16 weights fails it. The result
-      is kept for the model's lifetime.
+      difference must stay within 1e-4 of the largest logit. A model with bfloat16 weights
+      fails it. The result is kept for the model's lifetime.
 
     The checks run on entry, so a hook attached inside the block after fused attention
     switched on does not receive the attention activations: name such hooks in ``hook_names``.

@@ -72,8 +72,10 @@ def check_model(model: Any) -> tuple[int, int]:
 
 
 def _hook_point(model: Any, name: str, hook_dict: dict[str, Any] | None = None) -> Any:
+    if hook_dict is None:
+        hook_dict = model.hook_dict
     try:
-        return (model.hook_dict if hook_dict is None else hook_dict)[name]
+        return hook_dict[name]
     except KeyError:
         raise UnsupportedModelError(f"{type(model).__name__} has no hook point {name!r}.") from None
 
@@ -135,8 +137,8 @@ def attach(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> HookHandles:
     error propagates.
     """
     handles = HookHandles()
-    # TransformerBridge builds hook_dict anew on every access (about 0.3 ms on SmolLM2),
-    # so one lookup serves every hook.
+    # TransformerBridge copies its hook registry into a new hook_dict on every access (0.3 to
+    # 0.9 ms on SmolLM2 in two measurements), so one lookup serves every hook.
     hook_dict = model.hook_dict if fwd_hooks else None
     try:
         for name, hook_fn in fwd_hooks:

@@ -291,10 +291,10 @@ class ExposureConfig:
             cached keys and values) up to this many nodes, which bounds the cache and the
             attention cost of a row. A node's keys and values stay in the cache while a node
             below it may still run, so each query attends to up to this many columns besides
-            the prefix. On
-            SmolLM2 with nothing pruned (80 held-out items, 100 candidates each, bfloat16,
-            2 CPU threads, level by level in passes of 512 nodes) rows of 512 nodes took
-            93 s against 146 s with 2,048 and 125 s with 256 (more rows, smaller passes).
+            the prefix. On SmolLM2 with nothing pruned (80 held-out items, 100 candidates
+            each, bfloat16, 2 CPU threads, level by level in passes of 512 nodes) rows of 512
+            nodes took 93 s against 146 s with 2,048 and 125 s with 256 (more rows, smaller
+            passes).
         rows_per_pass: batch rows scored side by side in one forward pass.
         max_query_tokens: trie nodes run in one forward pass, over all its rows. Its logits
             take ``max_query_tokens * d_vocab`` floats (400 MB for 2,048 SmolLM2 nodes).
@@ -1322,20 +1322,20 @@ class _CachedRunner:
         for state in self.states:
             needed = _has_pending_descendant(state) & (state.cols >= self.record_len)
             keep[state.cols[needed]] = True
-        kept = keep.nonzero().flatten()
-        if len(kept) == self.cache_len:
+        kept_columns = keep.nonzero().flatten()
+        if len(kept_columns) == self.cache_len:
             return
 
         new_column = torch.full((self.cache_len,), _DROPPED, dtype=torch.long)
-        new_column[kept] = torch.arange(len(kept))
-        index = kept.to(layers[0].keys.device)
+        new_column[kept_columns] = torch.arange(len(kept_columns))
+        index = kept_columns.to(layers[0].keys.device)
         for layer in layers:
             layer.keys = layer.keys.index_select(2, index)
             layer.values = layer.values.index_select(2, index)
         for state in self.states:
             appended = state.cols >= self.record_len
             state.cols[appended] = new_column[state.cols[appended]]
-        self.cache_len = len(kept)
+        self.cache_len = len(kept_columns)
 
     def _forward(self, chunks: list[tuple[Tensor, Tensor]]) -> Tensor:
         n_rows = len(chunks)
@@ -1410,8 +1410,8 @@ def _has_pending_descendant(state: _JobState) -> Tensor:
     """Return, per node, whether a node below it may still run as a query.
 
     Such a node has children and has not run yet. Neither it nor an ancestor is scored
-    below the bound, since those branches are pruned; unscored nodes may still run. Its
-    query attends to every ancestor's column.
+    below the bound, since those branches are pruned, but unscored nodes may still run.
+    Its query attends to every ancestor's column.
     """
     job = state.job
     pruned = (state.cum > -math.inf) & (state.cum < state.bound)
@@ -1427,7 +1427,7 @@ def _has_pending_descendant(state: _JobState) -> Tensor:
 
 def _plain_cache_layers(cache: Any) -> list[Any] | None:
     """Return the layers of a transformers ``DynamicCache`` made of plain ``DynamicLayer``
-    layers only, whose columns can be selected freely; None for any other cache."""
+    layers only, whose columns can be selected freely, or None for any other cache."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
