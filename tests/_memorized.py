@@ -9,10 +9,12 @@ every PII string from its prefix.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import torch
 
 VOCAB = 256
+TL_MAJOR = int(version("transformer-lens").split(".")[0])
 SEQ_LEN = 24
 PII_START, PII_END = 12, 18
 
@@ -51,15 +53,17 @@ def make_tiny_model(n_layers: int = 2, d_mlp: int = 256, seed: int = 0):
     """A randomly initialised TL-native model in eval mode.
 
     A TransformerLens 4 ``TransformerBridge`` where TL 4 is installed, else a
-    TransformerLens 3 ``HookedTransformer``, so the same tests run on both.
+    TransformerLens 3 ``HookedTransformer``, so the same tests run on both. TL 3.9
+    ships an early ``TransformerBridge`` too, but users pinned to TL 3 (SAELens, for
+    example) work with ``HookedTransformer``, so that is what TL 3 tests get.
     """
     config = tiny_config(n_layers=n_layers, d_mlp=d_mlp, seed=seed)
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:
+    if TL_MAJOR < 4:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 
         return HookedTransformer(HookedTransformerConfig(**config)).eval()
+    from transformer_lens.model_bridge import TransformerBridge
+
     return TransformerBridge.boot_native(config).eval()
 
 

@@ -155,6 +155,27 @@ def test_evaluate_hooks_removed_afterwards(
         assert getattr(again, metric) == pytest.approx(getattr(clean_result, metric)), metric
 
 
+def test_evaluate_reads_hooks_from_a_generator(tiny_model, tiny_tokenizer, synthetic_corpus):
+    names = [f"blocks.{layer}.mlp.hook_post" for layer in range(tiny_model.cfg.n_layers)]
+    config = EvaluationConfig(n_candidates=0, general_text_tokens=100, window=64)
+    records = synthetic_corpus.train[:2]
+
+    def hooks():
+        return ((name, lambda activation, hook: activation * 0) for name in names)
+
+    from_list = evaluate(
+        tiny_model, tiny_tokenizer, records, fwd_hooks=list(hooks()), config=config
+    )
+    from_generator = evaluate(tiny_model, tiny_tokenizer, records, fwd_hooks=hooks(), config=config)
+
+    assert from_generator.perplexity_general == from_list.perplexity_general
+
+
+def test_evaluate_rejects_records_that_are_dicts(tiny_model, tiny_tokenizer):
+    with pytest.raises(TypeError, match="PIIRecord objects, got a dict; convert"):
+        evaluate(tiny_model, tiny_tokenizer, [{"text": "a", "spans": []}])
+
+
 def test_evaluate_without_heldout_or_exposure(tiny_model, tiny_tokenizer, synthetic_corpus):
     config = EvaluationConfig(n_candidates=0, general_text_tokens=100, window=64)
     result = evaluate(tiny_model, tiny_tokenizer, synthetic_corpus.train[:2], None, config=config)
@@ -232,6 +253,9 @@ def test_teacher_forced_extraction_agrees(memorized_tiny, memorized_result):
         ("general_text_tokens", 1, "general_text_tokens"),
         ("types", "PHONE", "tuple of type names"),
         ("extraction", "beam", "extraction must be"),
+        ("fused_attention", "no", "must be True or False"),
+        ("n_candidates", 2.5, "n_candidates must be an integer"),
+        ("window", 1, "window must be at least 2"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
 
 from tests._memorized import PII_END, PII_START, make_tiny_model
 from tl_privacy import LocalizationConfig, localize
+from tl_privacy.hooks import attached
 from tl_privacy.localization import Localizer, ReferenceCache, as_batches
 from tl_privacy.objectives import (
     pii_runs,
@@ -17,6 +20,7 @@ from tl_privacy.objectives import (
     token_log_probs,
 )
 from tl_privacy.precision import autocast
+from tl_privacy.readout import predicting_logits
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +96,33 @@ def test_localize_without_gradients_raises(model, batch):
         localize(model, batch, quick())
 
 
+def test_steps_keep_no_activations(model, batch, monkeypatch):
+    """Nothing of a step's forward pass outlives the step: the gated MLP activations, the
+    residual stream and the logit rows of the loss are all freed once it returns."""
+    seen: list[weakref.ref] = []
+
+    def observe(activation, hook):
+        seen.append(weakref.ref(activation))
+
+    def observed_logits(*args, **kwargs):
+        rows = predicting_logits(*args, **kwargs)
+        seen.extend(weakref.ref(r) for r in rows)
+        return rows
+
+    monkeypatch.setattr("tl_privacy.localization.predicting_logits", observed_logits)
+    names = [f"blocks.{i}.mlp.hook_post" for i in range(2)] + ["blocks.1.hook_resid_post"]
+    with Localizer(model, quick(precision="float32")) as localizer:
+        with attached(model, [(name, observe) for name in names]):
+            for key in range(3):
+                localizer.step(batch, key=key)
+        gc.collect()
+
+        # Per step (each with a new key): the reference pass (hooks and its keep rows) and
+        # the gated pass (hooks, PII rows and keep rows).
+        assert len(seen) == 3 * (2 * len(names) + 3)
+        assert [ref for ref in seen if ref() is not None] == []
+
+
 def test_model_state_restored(model, batch):
     flags = [param.requires_grad for param in model.parameters()]
     before = {name: param.clone() for name, param in model.named_parameters()}
@@ -160,10 +191,15 @@ def test_budget_fraction_to_count():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("steps", 0, "steps must be positive"),
-        ("lr", -1.0, "lr must be positive"),
-        ("temperature", 0.0, "temperature must be > 0"),
+        ("steps", 0, "steps must be a positive integer"),
+        ("steps", 2.5, "steps must be a positive integer"),
+        ("lr", -1.0, "lr must be a finite number > 0"),
+        ("lr", float("nan"), "lr must be a finite number > 0"),
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
         ("budget", 0.0, "budget must be"),
+        ("budget", 1.5, "whole neuron count"),
+        ("budget", True, "budget must be"),
+        ("pii_types", "EMAIL", r"the string 'EMAIL'; write \('EMAIL',\)"),
         ("pii_loss", "mse", "pii_loss must be"),
         ("keep_loss", "l2", "keep_loss must be"),
         ("pii_types", ("SSN",), "not among type_names"),
@@ -312,3 +348,43 @@ def test_pii_loss_is_bounded(batch, form):
 
     assert torch.isfinite(loss)
     assert loss.abs() <= 14.0
+
+
+def test_submodule_modes_come_back(model, batch):
+    model.train()
+    model.blocks[0].attn.eval()
+
+    localize(model, batch, quick(steps=2))
+
+    assert model.training and model.blocks[1].attn.training
+    assert not model.blocks[0].attn.training
+    model.eval()
+
+
+def test_result_keeps_sampling_for_later_steps(model, batch):
+    with Localizer(model, quick()) as localizer:
+        localizer.step(batch)
+        localizer.result()
+
+        assert localizer.mask.training
+
+
+def test_steps_without_key_on_other_batches(model, batch):
+    other = {key: value.flip(0) for key, value in batch.items()}
+    with Localizer(model, quick()) as localizer:
+        prepared = localizer.prepare(batch)
+        localizer.step(prepared[0])
+        localizer.step(other)
+        localizer.step(prepared[0])
+        localizer.step(other)
+
+        # Four gated passes. The prepared batch's reference pass ran once and was cached;
+        # the other batch's runs each time it is stepped on.
+        assert localizer.passes["forward"] == 4 + 1 + 2
+
+
+def test_token_ids_beyond_the_vocabulary(model, batch):
+    foreign = {**batch, "input_ids": batch["input_ids"] + model.cfg.d_vocab}
+
+    with pytest.raises(ValueError, match=f"vocabulary has ids 0 to {model.cfg.d_vocab - 1}"):
+        localize(model, foreign, quick())

@@ -188,3 +188,48 @@ def test_attach_and_detach(model, tokens):
     assert not torch.equal(clean, masked)
     assert torch.equal(clean, restored)
     assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_attach_again_after_reset_hooks(model, tokens):
+    mask = HardConcreteMask.for_model(model).eval()
+    with torch.no_grad():
+        mask.log_alpha.fill_(-50.0)
+        mask.attach(model)
+        masked = model(tokens)
+        model.reset_hooks()
+
+        mask.attach(model)
+        again = model(tokens)
+        mask.detach()
+
+    assert torch.equal(masked, again)
+    assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_gate_hook_on_another_width_names_both_shapes(tokens):
+    other = make_tiny_model(d_mlp=32)
+    mask = HardConcreteMask(2, 64)
+
+    with pytest.raises(ValueError, match=r"d_mlp=64.*\(2, 12, 32\)"):
+        other.run_with_hooks(tokens, fwd_hooks=mask.fwd_hooks())
+
+
+def test_save_load_round_trip(tmp_path):
+    mask = HardConcreteMask(2, 64, temperature=0.3, init_open_prob=0.9, seed=7)
+    with torch.no_grad():
+        mask.log_alpha.normal_()
+
+    mask.save(tmp_path / "mask")
+    loaded = HardConcreteMask.load(tmp_path / "mask")
+
+    assert torch.equal(loaded.log_alpha, mask.log_alpha)
+    assert (loaded.temperature, loaded.init_open_prob, loaded.seed) == (0.3, 0.9, 7)
+    assert torch.equal(loaded.prob_closed(), mask.prob_closed())
+
+
+def test_load_of_a_damaged_mask_names_the_folder(tmp_path):
+    HardConcreteMask(2, 64).save(tmp_path / "mask")
+    (tmp_path / "mask" / "config.json").write_text("{}")
+
+    with pytest.raises(ValueError, match="damaged mask"):
+        HardConcreteMask.load(tmp_path / "mask")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tl_privacy.memorize as tl_memorize
 from tl_privacy import models
 from tl_privacy.data.synthetic import SyntheticCorpusConfig, generate_corpus
 from tl_privacy.data.tokenization import pii_items
@@ -113,6 +114,28 @@ def test_memorize_all_trains_embedding(tiny_tokenizer, small_corpus):
     assert not torch.equal(model.embed.W_E, embedding)
     assert result.heldout_extraction_exact is None
     assert result.n_heldout_items == 0
+
+
+def test_interrupted_memorize_leaves_eval_mode(tiny_tokenizer, small_corpus, monkeypatch):
+    model = models.tiny_model(tiny_tokenizer, d_model=64, d_mlp=128)
+    flags = [p.requires_grad for p in model.parameters()]
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    real_loss = tl_memorize._lm_loss
+    monkeypatch.setattr(tl_memorize, "_lm_loss", interrupted)
+    config = MemorizeConfig(max_steps=5, eval_every=5, show_progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        memorize(model, small_corpus, config, cache=False)
+
+    assert len(calls) == 2
+    assert not any(module.training for module in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
 def test_memorize_config_rejects_bad_values():

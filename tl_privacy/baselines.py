@@ -32,6 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_privacy.data.records import type_tuple
 from tl_privacy.hooks import attached, check_model, mlp_post_name, model_logits
 from tl_privacy.localization import (
     DEFAULT_PII_TYPES,
@@ -122,7 +123,7 @@ class BaselineConfig:
         if self.l1_weight < 0:
             raise ValueError(f"l1_weight must be >= 0, got {self.l1_weight}.")
         if self.pii_types is not None:
-            object.__setattr__(self, "pii_types", tuple(self.pii_types))
+            object.__setattr__(self, "pii_types", type_tuple(self.pii_types, "pii_types"))
             unknown = [t for t in self.pii_types if t not in self.type_names]
             if unknown:
                 raise ValueError(
@@ -234,7 +235,7 @@ def score(
     data: list[Batch] = []
     if method != "random":
         device = torch.device(config.device) if config.device else _device_of(model)
-        data = as_batches(batches, config.batch_size, device)
+        data = as_batches(batches, config.batch_size, device, getattr(model.cfg, "d_vocab", None))
         data = restrict_to_types(data, config.pii_types, config.type_names)
         if not any(bool(shifted_targets(batch)[1].any()) for batch in data):
             raise ValueError(

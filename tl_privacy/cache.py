@@ -1,9 +1,10 @@
-"""The tl_privacy cache folder and atomic writes into it.
+"""The tl_privacy cache folder, and folders written in one rename.
 
 Converted models and memorized weights are stored under ``cache_dir()``. Every entry is a
 folder that is written next to its final place under a temporary name and then renamed. A
 crash or an interrupt therefore leaves no half-written entry behind, because an entry either
-exists completely or not at all.
+exists completely or not at all. Saved neuron sets and masks are written the same way
+(:func:`replaced_folder`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,39 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
                 raise
             logger.info("cache entry %s was written by another process; keeping it", target)
             shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def replaced_folder(target: str | Path, own_files: tuple[str, ...], what: str) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces ``target`` when the block succeeds.
+
+    ``target`` may be absent, an empty folder, or a folder of ``own_files`` only (an earlier
+    save of the same kind, named ``what`` in messages), which is replaced whole. Anything
+    else raises FileExistsError before anything is written, so that a save never deletes a
+    user's other files. If the block raises, ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; give a folder path to save the {what} in.")
+    if target.is_dir():
+        others = sorted(p.name for p in target.iterdir() if p.name not in own_files)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise FileExistsError(
+                f"{target} contains files that are not part of a saved {what} ({shown}); save to "
+                f"a new or empty folder, or to one that contains only an earlier {what}."
+            )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from tl_privacy.attention import fused_attention
-from tl_privacy.data.records import PIIRecord
+from tl_privacy.data.records import PIIRecord, type_tuple
 from tl_privacy.extraction import score_decoded
 from tl_privacy.metrics import (
     DEFAULT_N_CANDIDATES,
@@ -117,6 +117,13 @@ class EvaluationConfig:
     fused_attention: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("heldout_exposure", "fused_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("n_candidates", "batch_size", "extraction_batch_size", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
         if self.n_candidates < 0:
             raise ValueError(
                 f"n_candidates must be >= 0 (0 skips exposure), got {self.n_candidates}."
@@ -124,6 +131,8 @@ class EvaluationConfig:
         for name in ("batch_size", "extraction_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.window < 2:
+            raise ValueError(f"window must be at least 2 tokens, got {self.window}.")
         if self.general_text_tokens is not None and self.general_text_tokens < 2:
             raise ValueError(
                 f"general_text_tokens must be at least 2 or None, got {self.general_text_tokens}."
@@ -137,11 +146,7 @@ class EvaluationConfig:
                 f"extraction must be 'greedy' or 'teacher_forced', got {self.extraction!r}."
             )
         if self.types is not None:
-            if isinstance(self.types, str):
-                raise ValueError(
-                    f"types must be a tuple of type names, got the string {self.types!r}."
-                )
-            object.__setattr__(self, "types", tuple(self.types))
+            object.__setattr__(self, "types", type_tuple(self.types, "types"))
 
     def exposure_config(self) -> ExposureConfig | None:
         """Return the exposure settings with this config's candidate count and seed, or None."""
@@ -220,9 +225,10 @@ def evaluate(
     """Measure leakage of the training PII and utility of ``model`` under ``fwd_hooks``.
 
     Args:
-        model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``) whose
-            ``tokenizer`` decodes its outputs.
-        tokenizer: the tokenizer the records are tokenized with.
+        model: a TransformerLens model (``TransformerBridge`` or ``HookedTransformer``); it
+            needs no tokenizer of its own.
+        tokenizer: the tokenizer the records are tokenized with, which also decodes the
+            greedy continuations.
         train_records: records the model was trained on.
         heldout_records: records it never saw, or None / empty to skip held-out metrics.
         fwd_hooks: ``(hook name, hook function)`` pairs applied to every forward pass, for
@@ -232,6 +238,15 @@ def evaluate(
     config = config or EvaluationConfig()
     if not train_records:
         raise ValueError("evaluate needs at least one training record, got none.")
+    for name, records in (("train_records", train_records), ("heldout_records", heldout_records)):
+        wrong = next((r for r in records or () if not isinstance(r, PIIRecord)), None)
+        if wrong is not None:
+            raise TypeError(
+                f"{name} must hold PIIRecord objects, got a {type(wrong).__name__}; convert "
+                "files or dicts with tl_privacy.data.load_records."
+            )
+    # Read once: a generator of hooks would be used up by the names below.
+    fwd_hooks = list(fwd_hooks)
     hook_names = [name for name, _ in fwd_hooks]
     attention = fused_attention(model, hook_names) if config.fused_attention else nullcontext()
     with torch.no_grad(), weights_cast_once(model, config.precision), attention:
@@ -272,7 +287,7 @@ def _evaluate(
         )
 
     clock = time.perf_counter()
-    extraction = _extraction(model, train, hooks, config)
+    extraction = _extraction(tokenizer, train, config)
     timings["extraction"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -315,12 +330,9 @@ class _Extraction:
         return exact, sum(self.similarity[i] for i in indices) / len(indices)
 
 
-def _extraction(
-    model: Any, metrics: RecordMetrics, hooks: list, config: EvaluationConfig
-) -> _Extraction:
+def _extraction(tokenizer: Any, metrics: RecordMetrics, config: EvaluationConfig) -> _Extraction:
     if config.extraction == "teacher_forced":
         return _Extraction([score.exact for score in metrics.item_scores], None, None)
-    tokenizer = model.tokenizer
     scored = [
         score_decoded(tokenizer, item, score.greedy_ids)
         for item, score in zip(metrics.items, metrics.item_scores, strict=True)

@@ -107,6 +107,13 @@ class HookHandles:
         new = [handle for handle in hook_point.fwd_hooks if id(handle) not in before]
         self._added.extend((hook_point, handle) for handle in new)
 
+    def attached(self) -> bool:
+        """Return whether any hook this object added is still attached; ``reset_hooks()`` on
+        the model removes them behind its back."""
+        return any(
+            any(h is handle for h in hook_point.fwd_hooks) for hook_point, handle in self._added
+        )
+
     def remove(self) -> None:
         """Detach every hook this object added; safe to call twice."""
         while self._added:
@@ -162,6 +169,23 @@ def attached(model: Any, fwd_hooks: Sequence[tuple[str, HookFn]]) -> Iterator[An
         yield model
     finally:
         handles.remove()
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block; then give every submodule its own training
+    flag back, also when the block raises.
+
+    ``model.train(flag)`` would instead set all submodules to the top module's flag, and a
+    model whose parts were in different modes would not come back as it was.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def model_logits(

@@ -43,7 +43,13 @@ from tl_privacy.data.tokenization import (
     type_names_for,
 )
 from tl_privacy.extraction import exact_match_teacher_forced
-from tl_privacy.hooks import UnsupportedModelError, attached, check_model, mlp_post_name
+from tl_privacy.hooks import (
+    UnsupportedModelError,
+    attached,
+    check_model,
+    eval_mode,
+    mlp_post_name,
+)
 from tl_privacy.localization import LocalizationConfig, frozen, localize, restrict_to_types
 from tl_privacy.metrics import perplexity, sequence_nll, text_windows
 from tl_privacy.neurons import IncompatibleNeuronsError, PrivacyNeurons
@@ -258,7 +264,7 @@ def verify_neuron_axes(model: Any, slices: Sequence[NeuronSlices] | None = None)
             )
     tokens = _probe_tokens(model)
 
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         clean_logits = _logits(model, tokens)
         for layer in range(n_layers):
             clean = _post_activations(model, tokens, layer)
@@ -355,16 +361,6 @@ def _verify_output_axis(
             "does not act like zero-ablating its hook_post activation. The neuron axis of "
             "the output projection is not the one inject assumed."
         )
-
-
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # ---- choosing the neurons ----

@@ -21,6 +21,7 @@ that close outright (see ``LocalizationConfig.selection``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,7 +32,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from tl_privacy.hooks import attached, check_model, model_logits
+from tl_privacy.data.records import type_tuple
+from tl_privacy.hooks import attached, check_model, eval_mode, model_logits
 from tl_privacy.masks import HardConcreteMask
 from tl_privacy.models import model_fingerprint
 from tl_privacy.neurons import PrivacyNeurons
@@ -53,6 +55,22 @@ DEFAULT_PII_TYPES = ("EMAIL", "PHONE", "NAME", "ADDRESS")
 """Type names in the order of ``pii_type_ids`` produced by :mod:`tl_privacy.data.tokenization`."""
 
 
+def check_budget_value(budget: Any) -> None:
+    """Raise ValueError unless ``budget`` is None, a fraction in (0, 1) or a whole neuron
+    count >= 1 (an int, or a float with no fractional part)."""
+    valid = budget is None or (
+        isinstance(budget, (int, float))
+        and not isinstance(budget, bool)
+        and math.isfinite(budget)
+        and (0 < budget < 1 or (budget >= 1 and float(budget).is_integer()))
+    )
+    if not valid:
+        raise ValueError(
+            "budget must be a fraction in (0, 1), a whole neuron count >= 1, or None; "
+            f"got {budget!r}."
+        )
+
+
 @dataclass
 class LocalizationConfig:
     """Settings of :func:`localize`.
@@ -69,7 +87,8 @@ class LocalizationConfig:
         l0_weight: weight of the expected number of closed gates, per budget
             (per 1% of all neurons when there is no budget).
         dual_lr: step size of the Lagrange multiplier that enforces the budget.
-        pii_loss: ``"unlikelihood"`` or ``"capped_ce"`` (both bounded).
+        pii_loss: ``"unlikelihood"``, ``"capped_ce"`` or ``"sequence"``, all bounded (see
+            :func:`tl_privacy.objectives.pii_suppression_loss`).
         keep_loss: ``"kl"`` (to the unmasked model's own predictions) or ``"ce"``.
         keep_weight: weight of the keep term.
         pii_types: PII types to suppress, or None for all; tokens of the other
@@ -117,19 +136,15 @@ class LocalizationConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps <= 0:
-            raise ValueError(f"steps must be positive, got {self.steps!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}.")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size!r}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
-        if self.budget is not None and not self.budget > 0:
-            raise ValueError(
-                f"budget must be a fraction in (0, 1), a neuron count >= 1, or None; "
-                f"got {self.budget!r}."
-            )
+        for name in ("steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        check_budget_value(self.budget)
         if self.pii_loss not in ("sequence", "unlikelihood", "capped_ce"):
             raise ValueError(
                 "pii_loss must be 'sequence', 'unlikelihood' or 'capped_ce', "
@@ -138,13 +153,13 @@ class LocalizationConfig:
         if self.keep_loss not in ("kl", "ce"):
             raise ValueError(f"keep_loss must be 'kl' or 'ce', got {self.keep_loss!r}.")
         if self.pii_types is not None:
-            self.pii_types = tuple(self.pii_types)
+            self.pii_types = type_tuple(self.pii_types, "pii_types")
             unknown = [t for t in self.pii_types if t not in self.type_names]
             if unknown:
                 raise ValueError(
                     f"pii_types {unknown} are not among type_names {list(self.type_names)}."
                 )
-        self.type_names = tuple(self.type_names)
+        self.type_names = type_tuple(self.type_names, "type_names")
         if self.precision not in ("auto", "bfloat16", "float32"):
             raise ValueError(
                 f"precision must be 'auto', 'bfloat16' or 'float32', got {self.precision!r}."
@@ -186,28 +201,35 @@ Batch = dict[str, torch.Tensor]
 BatchSource = Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
 
 
-def as_batches(batches: BatchSource, batch_size: int, device: torch.device | str) -> list[Batch]:
+def as_batches(
+    batches: BatchSource,
+    batch_size: int,
+    device: torch.device | str,
+    d_vocab: int | None = None,
+) -> list[Batch]:
     """Normalise the input of :func:`localize` to a list of batches on ``device``.
 
     Accepts one dict of whole tensors (split into rows of ``batch_size``) or any
     iterable of such dicts. Each needs ``input_ids``, ``pii_mask`` and optionally
-    ``attention_mask`` (all ones when missing) and ``pii_type_ids``.
+    ``attention_mask`` (all ones when missing) and ``pii_type_ids``. With a positive
+    ``d_vocab``, token ids outside ``[0, d_vocab)`` (from another model's tokenizer) raise
+    ValueError.
     """
     if isinstance(batches, Mapping):
-        whole = _check_batch(batches, 0)
+        whole = _check_batch(batches, 0, d_vocab)
         n_rows = whole["input_ids"].shape[0]
         items = [
             {key: value[start : start + batch_size] for key, value in whole.items()}
             for start in range(0, n_rows, batch_size)
         ]
     else:
-        items = [_check_batch(batch, index) for index, batch in enumerate(batches)]
+        items = [_check_batch(batch, index, d_vocab) for index, batch in enumerate(batches)]
     if not items:
         raise ValueError("localize got no batches; give at least one batch with PII tokens.")
     return [{key: value.to(device) for key, value in batch.items()} for batch in items]
 
 
-def _check_batch(batch: Mapping[str, Any], index: int) -> Batch:
+def _check_batch(batch: Mapping[str, Any], index: int, d_vocab: int | None = None) -> Batch:
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"batch {index} is a {type(batch).__name__}; expected a dict with input_ids, "
@@ -222,6 +244,13 @@ def _check_batch(batch: Mapping[str, Any], index: int) -> Batch:
         raise ValueError(
             f"batch {index}: input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}."
         )
+    if isinstance(d_vocab, int) and d_vocab > 0 and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= d_vocab:
+            raise ValueError(
+                f"batch {index} has token ids from {low} to {high}, but the model's "
+                f"vocabulary has ids 0 to {d_vocab - 1}; tokenize with the model's own tokenizer."
+            )
     result: Batch = {"input_ids": input_ids.long()}
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
@@ -262,19 +291,18 @@ def restrict_to_types(
 
 @contextmanager
 def frozen(model: Any) -> Iterator[None]:
-    """Freeze every parameter of ``model`` and put it in eval mode; restore both after."""
+    """Freeze every parameter of ``model`` and put it in eval mode; restore both after,
+    each submodule's training flag included (see :func:`tl_privacy.hooks.eval_mode`)."""
     params = list(model.parameters())
     requires_grad = [p.requires_grad for p in params]
-    was_training = model.training
     for param in params:
         param.requires_grad_(False)
-    model.eval()
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for param, flag in zip(params, requires_grad, strict=True):
             param.requires_grad_(flag)
-        model.train(was_training)
 
 
 # The batch tensors that decide a reference entry: its tokens, padding and PII positions.
@@ -427,7 +455,8 @@ class Localizer:
 
     def prepare(self, batches: BatchSource) -> list[Batch]:
         """Check and move the batches, and narrow them to ``config.pii_types``."""
-        data = as_batches(batches, self.config.batch_size, self.device)
+        d_vocab = getattr(self.model.cfg, "d_vocab", None)
+        data = as_batches(batches, self.config.batch_size, self.device, d_vocab)
         data = restrict_to_types(data, self.config.pii_types, self.config.type_names)
         if not any(bool(b.get("suppress_mask", b["pii_mask"]).any()) for b in data):
             types = f" of types {list(self.config.pii_types)}" if self.config.pii_types else ""
@@ -438,7 +467,7 @@ class Localizer:
         self._data = data
         return data
 
-    def _reference(self, key: int, batch: Batch) -> torch.Tensor | None:
+    def _reference(self, key: int | None, batch: Batch) -> torch.Tensor | None:
         if self.config.keep_loss != "kl":
             return None
 
@@ -451,14 +480,24 @@ class Localizer:
                 )
             return torch.log_softmax(rows.float(), dim=-1)
 
+        if key is None:
+            key = next((i for i, known in enumerate(self._data) if known is batch), None)
+        if key is None:
+            return compute()
         precision = resolve_precision(self.model, self.config.precision)
         return self._references.get(key, batch, compute, model=self.model, precision=precision)
 
     def _autocast(self):
         return autocast(self.model, self.config.precision)
 
-    def step(self, batch: Batch, key: int = 0) -> None:
-        """Take one optimizer step of the gates on ``batch``, cached under ``key``."""
+    def step(self, batch: Batch, key: int | None = None) -> None:
+        """Take one optimizer step of the gates on ``batch``.
+
+        ``key`` names the batch's entry in the reference cache (the unmasked model's
+        predictions for the KL term). By default a batch returned by :meth:`prepare` uses
+        its position there, and any other batch gets its reference computed afresh, which
+        costs one more forward pass.
+        """
         if self._exit_stack is None:
             raise RuntimeError("Use the Localizer inside `with Localizer(model, config) as loc:`.")
         if not torch.is_grad_enabled():
@@ -533,14 +572,19 @@ class Localizer:
         ``"sufficient"`` runs forward passes over the batches given to :meth:`run`
         (or :meth:`prepare`), so call it inside the ``with`` block.
         """
+        # Deterministic gates for the selection; a later step() samples again.
+        was_training = self.mask.training
         self.mask.eval()
-        rule = self.config.selection
-        if rule == "closed":
-            neurons = _select_closed(self.mask, self.budget)
-        elif rule == "budget":
-            neurons = _ranked(self.mask, self.budget)
-        else:
-            neurons = self._select_sufficient()
+        try:
+            rule = self.config.selection
+            if rule == "closed":
+                neurons = _select_closed(self.mask, self.budget)
+            elif rule == "budget":
+                neurons = _ranked(self.mask, self.budget)
+            else:
+                neurons = self._select_sufficient()
+        finally:
+            self.mask.train(was_training)
 
         neurons.model_name = getattr(self.model.cfg, "model_name", None)
         neurons.pii_types = self.config.pii_types or self.config.type_names

@@ -14,16 +14,21 @@ deterministic ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from tl_privacy.cache import replaced_folder
 from tl_privacy.hooks import FwdHooks, HookHandles, attach, attached, check_model, mlp_post_name
 
 try:  # TransformerLens 4 moved HookedRootModule into its own module.
@@ -39,6 +44,10 @@ ZETA = 1.1
 
 UNIFORM_EPS = 1e-6
 """Uniform draws are clamped to [eps, 1 - eps] so that log u and log(1 - u) stay finite."""
+
+MASK_CONFIG_FILE = "config.json"
+MASK_TENSORS_FILE = "mask.safetensors"
+MASK_FORMAT_VERSION = 1
 
 
 def log_alpha_for_open_prob(open_prob: float, temperature: float) -> float:
@@ -116,6 +125,75 @@ class HardConcreteMask(HookedRootModule):
         device = _model_device(model)
         return mask.to(device) if device is not None else mask
 
+    # ---- saving ----
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the gates to the folder ``path``: ``log_alpha`` in ``mask.safetensors`` and
+        the shape, temperature, initial open probability and seed in ``config.json``.
+
+        The folder may be new, empty, or an earlier saved mask, which is replaced whole; it
+        is written next to its final place and renamed into it, so a failure leaves no
+        half-written mask behind.
+
+        Raises:
+            FileExistsError: when ``path`` is a file, or a folder that contains other files.
+        """
+        target = Path(path)
+        with replaced_folder(target, (MASK_CONFIG_FILE, MASK_TENSORS_FILE), "mask") as staging:
+            tensors = {"log_alpha": self.log_alpha.detach().float().cpu().contiguous()}
+            save_file(tensors, str(staging / MASK_TENSORS_FILE))
+            config = {
+                "format_version": MASK_FORMAT_VERSION,
+                "n_layers": self.n_layers,
+                "d_mlp": self.d_mlp,
+                "temperature": self.temperature,
+                "init_open_prob": self.init_open_prob,
+                "seed": self.seed,
+            }
+            (staging / MASK_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HardConcreteMask:
+        """Read a mask written by :meth:`save`, in training mode and on the CPU.
+
+        Raises:
+            FileNotFoundError: when a file of the mask is missing.
+            ValueError: when a file is damaged or of another format version.
+        """
+        folder = Path(path)
+        config_path, tensors_path = folder / MASK_CONFIG_FILE, folder / MASK_TENSORS_FILE
+        if not config_path.is_file() or not tensors_path.is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a saved mask: it needs {MASK_CONFIG_FILE} and "
+                f"{MASK_TENSORS_FILE} (written by HardConcreteMask.save)."
+            )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            log_alpha = load_file(str(tensors_path))["log_alpha"]
+            if config["format_version"] != MASK_FORMAT_VERSION:
+                raise ValueError(
+                    f"format_version {config['format_version']!r}; this tl_privacy reads "
+                    f"version {MASK_FORMAT_VERSION}"
+                )
+            mask = cls(
+                config["n_layers"],
+                config["d_mlp"],
+                temperature=config["temperature"],
+                init_open_prob=config["init_open_prob"],
+                seed=config["seed"],
+            )
+        except Exception as error:  # JSON, safetensors and key errors alike
+            raise ValueError(f"{folder} contains a damaged mask: {error!r}") from None
+        if tuple(log_alpha.shape) != (mask.n_layers, mask.d_mlp):
+            raise ValueError(
+                f"{tensors_path} contains log_alpha of shape {tuple(log_alpha.shape)} but "
+                f"{config_path} says {(mask.n_layers, mask.d_mlp)}; the folder is damaged."
+            )
+        with torch.no_grad():
+            mask.log_alpha.copy_(log_alpha)
+        return mask
+
     # ---- gate values ----
 
     def _uniform(self, shape: torch.Size) -> Tensor:
@@ -189,7 +267,7 @@ class HardConcreteMask(HookedRootModule):
 
         This is the count that the L0 term ``expected_closed`` estimates; it holds when
         ``log_alpha < beta * log(-gamma / zeta)`` (about -1.6 at ``beta = 2/3``), where
-        the deterministic gate is below 0.07.
+        the deterministic gate is below about 0.10.
         """
         return self.prob_closed() > 0.5
 
@@ -199,6 +277,12 @@ class HardConcreteMask(HookedRootModule):
         def scale_by_gate(activation: Tensor, hook: Any) -> Tensor:
             if self.bypass:
                 return activation
+            if activation.shape[-1] != self.d_mlp:
+                raise ValueError(
+                    f"this mask has d_mlp={self.d_mlp}, but the activation at {hook.name} has "
+                    f"shape {tuple(activation.shape)}; build the mask with "
+                    "HardConcreteMask.for_model(model)."
+                )
             # The layer comes from the closure: on a TL 4 bridge the hook point of
             # hook_post is named blocks.{L}.mlp.out.hook_in, not hook_post.
             gate = self.gate(layer).to(device=activation.device, dtype=activation.dtype)
@@ -237,10 +321,15 @@ class HardConcreteMask(HookedRootModule):
             yield model
 
     def attach(self, model: Any) -> None:
-        """Attach the gates persistently; :meth:`detach` removes exactly these hooks."""
+        """Attach the gates persistently; :meth:`detach` removes exactly these hooks.
+
+        Attaching again after ``model.reset_hooks()`` removed the gates works as the first
+        time.
+        """
         self._check_shape(model)
-        if self._handles is not None and len(self._handles):
+        if self._handles is not None and self._handles.attached():
             raise RuntimeError("This mask is already attached; call detach() first.")
+        self.detach()
         self._handles = attach(model, self.fwd_hooks())
 
     def detach(self) -> None:

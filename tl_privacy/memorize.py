@@ -289,37 +289,40 @@ def _train(
     extraction = 0.0
     last_measured = 0
     progress = tqdm(total=config.max_steps, desc="memorize", disable=not config.show_progress)
-    with _gradients_only_for(model, parameters):
-        for step in range(1, config.max_steps + 1):
-            model.train()
-            batch = next(batches)
-            with autocast:
-                loss, logits = _lm_loss(model, batch, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_curve.append(loss.item())
-            tracker.update(batch, logits)
+    # The model ends in eval mode also when a step raises or is interrupted.
+    try:
+        with _gradients_only_for(model, parameters):
+            for step in range(1, config.max_steps + 1):
+                model.train()
+                batch = next(batches)
+                with autocast:
+                    loss, logits = _lm_loss(model, batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_curve.append(loss.item())
+                tracker.update(batch, logits)
 
-            # The full measurement costs a forward pass over every item, so it runs only when
-            # the estimate from the training batches indicates that the target is reached.
-            estimate = tracker.estimate()
-            due = estimate is not None and estimate >= config.target_extraction
-            due = due and step - last_measured >= config.eval_every
-            if due or step == config.max_steps:
-                model.eval()
-                extraction = _exact_rate(model, train_items)
-                extraction_curve.append((step, extraction))
-                last_measured = step
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{loss_curve[-1]:.3f}",
-                extraction=f"{extraction if estimate is None else estimate:.2f}",
-            )
-            if last_measured == step and extraction >= config.target_extraction:
-                break
-    progress.close()
-    model.eval()
+                # The full measurement costs a forward pass over every item, so it runs only when
+                # the estimate from the training batches indicates that the target is reached.
+                estimate = tracker.estimate()
+                due = estimate is not None and estimate >= config.target_extraction
+                due = due and step - last_measured >= config.eval_every
+                if due or step == config.max_steps:
+                    model.eval()
+                    extraction = _exact_rate(model, train_items)
+                    extraction_curve.append((step, extraction))
+                    last_measured = step
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{loss_curve[-1]:.3f}",
+                    extraction=f"{extraction if estimate is None else estimate:.2f}",
+                )
+                if last_measured == step and extraction >= config.target_extraction:
+                    break
+    finally:
+        progress.close()
+        model.eval()
 
     wall_time = time.perf_counter() - started
     steps = len(loss_curve)

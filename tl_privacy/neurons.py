@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from tl_privacy.cache import replaced_folder
 from tl_privacy.hooks import (
     MLP_POST,
     FwdHooks,
@@ -32,7 +31,6 @@ from tl_privacy.hooks import (
     attach,
     attached,
     check_model,
-    mlp_post_name,
 )
 
 logger = logging.getLogger("tl_privacy")
@@ -68,7 +66,7 @@ class PrivacyNeurons:
         hook_name: the hook point the mask applies to, with ``{layer}`` for the layer index.
         model_fingerprint: ``tl_privacy.models.model_fingerprint`` of the weights the set was
             found on, or None when unknown (sets saved before the field existed and sets
-            returned by ``localize()`` in Python).
+            built by hand).
     """
 
     mask: Bool[Tensor, "n_layers d_mlp"]
@@ -97,6 +95,10 @@ class PrivacyNeurons:
                 )
             setattr(self, name, value.detach().to("cpu", torch.float32))
         self.pii_types = tuple(self.pii_types)
+        if "{layer}" not in self.hook_name:
+            raise ValueError(
+                f"hook_name must contain '{{layer}}' for the layer index, got {self.hook_name!r}."
+            )
 
     # ---- construction ----
 
@@ -253,7 +255,8 @@ class PrivacyNeurons:
         mode: Literal["zero", "mean"] = "zero",
         means: Float[Tensor, "n_layers d_mlp"] | None = None,
     ) -> FwdHooks:
-        """Forward hooks that deactivate the selected neurons at ``hook_post``.
+        """Forward hooks that deactivate the selected neurons at ``hook_name`` of each layer
+        (``blocks.{layer}.mlp.hook_post`` unless the set names another hook point).
 
         Args:
             mode: ``"zero"`` sets the neurons' activations to 0; ``"mean"`` sets them
@@ -266,6 +269,8 @@ class PrivacyNeurons:
         """
         if mode not in ("zero", "mean"):
             raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}.")
+        if mode == "zero" and means is not None:
+            raise ValueError("means are used only with mode='mean'; pass mode='mean' or no means.")
         if mode == "mean":
             if means is None:
                 raise ValueError("mode='mean' needs means of shape [n_layers, d_mlp].")
@@ -280,7 +285,8 @@ class PrivacyNeurons:
             if not selected.any():
                 continue
             layer_means = None if means is None else means[layer].detach()
-            hooks.append((mlp_post_name(layer), _ablation_hook(layer, selected, layer_means)))
+            name = self.hook_name.format(layer=layer)
+            hooks.append((name, _ablation_hook(layer, selected, layer_means)))
         return hooks
 
     @contextmanager
@@ -303,15 +309,18 @@ class PrivacyNeurons:
     # ---- storage ----
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the set to the folder ``path`` (created or replaced whole).
+        """Write the set to the folder ``path``: a new folder, an empty one, or one that contains
+        an earlier saved set, which is replaced whole.
 
         The folder is written next to its final place and renamed into it, so a
         failure leaves no half-written set behind.
+
+        Raises:
+            FileExistsError: when ``path`` is a file, or a folder that contains anything other
+                than a saved set; nothing is written then.
         """
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with replaced_folder(target, (CONFIG_FILE, TENSORS_FILE), "neuron set") as staging:
             tensors = {"mask": self.mask.to(torch.uint8).contiguous()}
             if self.scores is not None:
                 tensors["scores"] = self.scores.contiguous()
@@ -319,12 +328,6 @@ class PrivacyNeurons:
                 tensors["gates"] = self.gates.contiguous()
             save_file(tensors, str(staging / TENSORS_FILE))
             (staging / CONFIG_FILE).write_text(json.dumps(self._config_json(), indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return target
 
     def _config_json(self) -> dict[str, Any]:
@@ -353,15 +356,20 @@ class PrivacyNeurons:
                 f"{folder} is not a saved neuron set: it needs {CONFIG_FILE} and {TENSORS_FILE} "
                 "(written by PrivacyNeurons.save or `tl-privacy localize`)."
             )
-        meta = json.loads(config_path.read_text())
+        meta = _read_config(config_path)
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"{config_path} has format_version {version!r}; this tl_privacy reads version "
                 f"{FORMAT_VERSION}."
             )
+        missing = [key for key in ("n_layers", "d_mlp", "method") if key not in meta]
+        if missing:
+            raise ValueError(f"{config_path} lacks {', '.join(missing)}; the folder is damaged.")
 
-        tensors = load_file(str(tensors_path))
+        tensors = _read_tensors(tensors_path)
+        if "mask" not in tensors:
+            raise ValueError(f"{tensors_path} contains no 'mask' tensor; the folder is damaged.")
         mask = tensors["mask"].bool()
         expected = (meta["n_layers"], meta["d_mlp"])
         if tuple(mask.shape) != expected:
@@ -433,6 +441,12 @@ def _ablation_hook(layer: int, selected: Tensor, means: Tensor | None):
     def ablate_neurons(activation: Tensor, hook: Any) -> Tensor:
         key = (activation.device, activation.dtype)
         if key not in cache:
+            if activation.shape[-1] != selected.numel():
+                raise ValueError(
+                    f"the neuron set has {selected.numel()} neurons per layer, but the "
+                    f"activation at {getattr(hook, 'name', None) or 'this hook'} has shape "
+                    f"{tuple(activation.shape)}; use a set found on this model."
+                )
             keep = (~selected).to(device=activation.device, dtype=activation.dtype)
             fill = None
             if means is not None:
@@ -445,6 +459,25 @@ def _ablation_hook(layer: int, selected: Tensor, means: Tensor | None):
 
     ablate_neurons.__name__ = f"ablate_neurons_layer_{layer}"
     return ablate_neurons
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the folder is damaged.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} contains no JSON object; the folder is damaged.")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); the folder is damaged."
+        ) from None
 
 
 def _jsonable(value: Any) -> Any:

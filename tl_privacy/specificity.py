@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tl_privacy.data.records import PIIRecord
+from tl_privacy.data.records import PIIRecord, type_tuple
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items
 from tl_privacy.extraction import ExtractionResult, extraction_scores
 from tl_privacy.localization import BatchSource, LocalizationConfig, ReferenceCache, localize
@@ -52,6 +52,7 @@ def localize_by_type(
     batch_list = [batches] if isinstance(batches, Mapping) else list(batches)
     if types is None:
         types = _types_present(batch_list, config.type_names)
+    types = type_tuple(types, "types")
     if not types:
         raise ValueError("localize_by_type found no PII types to localize; pass types.")
     if references is None:

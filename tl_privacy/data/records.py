@@ -113,6 +113,18 @@ def normalize_type(pii_type: Any) -> str:
     return pii_type.upper()
 
 
+def type_tuple(value: Any, name: str) -> tuple[str, ...]:
+    """Return ``value`` (a sequence of PII type names) as a tuple; raise ValueError for a
+    single string, which ``tuple()`` would split into letters. ``name`` is the argument's
+    name for the message."""
+    if isinstance(value, str):
+        raise ValueError(
+            f"{name} must be a tuple of type names, got the string {value!r}; "
+            f"write ({value!r},) for one type."
+        )
+    return tuple(value)
+
+
 def find_record_problem(text: Any, spans: Sequence[PIISpan]) -> str | None:
     """Return a sentence describing what is wrong with a record's text and spans, or None.
 
