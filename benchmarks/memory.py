@@ -14,7 +14,7 @@ tokens, 8 PII tokens per row, bfloat16 autocast where the CPU runs it natively):
 4. ``run``: the peak resident memory of ``--steps`` steps in a row, above ``base``, and
    ``retained``: the resident memory after them, above ``base``.
 
-The ratio ``run / single`` is the answer: 1.0 means a run of steps needs no more memory
+The ratio ``run / single`` is the result: 1.0 means a run of steps needs no more memory
 than its largest step, and retained activations would make it grow with ``--steps``.
 
 To make the resident memory follow the live tensors, this process sets glibc's ``malloc``
@@ -79,7 +79,7 @@ def return_freed_memory() -> None:
         mallopt(_M_MMAP_THRESHOLD, _RETURN_ABOVE_BYTES)
         and mallopt(_M_TRIM_THRESHOLD, _RETURN_ABOVE_BYTES)
     ):
-        raise SystemExit("mallopt refused M_MMAP_THRESHOLD or M_TRIM_THRESHOLD.")
+        raise SystemExit("mallopt failed to set M_MMAP_THRESHOLD or M_TRIM_THRESHOLD.")
 
 
 def status_mib(field: str) -> float:
@@ -97,15 +97,18 @@ def reset_peak() -> None:
         raise SystemExit("writing 5 to /proc/self/clear_refs did not reset VmHWM.")
 
 
-def synthetic_batches(d_vocab: int) -> list[dict[str, torch.Tensor]]:
-    """Return one seeded batch of random token ids per length in ``BATCH_LENGTHS``, with
-    ``PII_TOKENS`` PII positions in the middle of each row; every other position is kept.
+def synthetic_batches(
+    d_vocab: int, lengths: tuple[int, ...] = BATCH_LENGTHS
+) -> list[dict[str, torch.Tensor]]:
+    """Return one seeded batch of random token ids per length in ``lengths``.
+
+    Each row has ``PII_TOKENS`` PII positions in its middle, and every other position is kept.
 
     Shapes: ``input_ids``, ``attention_mask`` and ``pii_mask`` are ``[8, length]``.
     """
     generator = torch.Generator().manual_seed(SEED)
     batches = []
-    for length in BATCH_LENGTHS:
+    for length in lengths:
         input_ids: Int[torch.Tensor, "batch pos"] = torch.randint(
             0, d_vocab, (BATCH_ROWS, length), generator=generator
         )
@@ -122,11 +125,14 @@ def synthetic_batches(d_vocab: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def measure(model: Any, precision: str, steps: int) -> dict[str, Any]:
-    """Run the warm-up, the single steps and the run of ``steps`` steps; return MiB values."""
+def measure(
+    model: Any, precision: str, steps: int, lengths: tuple[int, ...] = BATCH_LENGTHS
+) -> dict[str, Any]:
+    """Run the warm-up, the single steps and the run of ``steps`` steps on batches of
+    ``lengths`` tokens; return MiB values."""
     config = LocalizationConfig(precision=precision, seed=SEED, show_progress=False)
     localizer = Localizer(model, config)
-    batches = localizer.prepare(synthetic_batches(model.cfg.d_vocab))
+    batches = localizer.prepare(synthetic_batches(model.cfg.d_vocab, lengths))
 
     with localizer:
         for key, batch in enumerate(batches):

@@ -295,3 +295,32 @@ def test_demo_heldout_note():
     assert "2.50 bits" in demo.heldout_note(measured)
     assert "6.66" in demo.heldout_note(measured)
     assert demo.heldout_note(unmeasured) == ""
+
+
+# ---- memory ----
+
+
+def test_memory_measure_on_tiny_model():
+    memory = load_script("memory")
+    from tests._memorized import make_tiny_model
+
+    model = make_tiny_model(d_mlp=64)
+    values = memory.measure(model, "float32", steps=4, lengths=(20, 24, 28))
+
+    assert len(values["single_step_peak_mib"]) == 3
+    assert all(peak >= 0 for peak in values["single_step_peak_mib"])
+    assert values["run_peak_mib"] >= 0
+    assert values["ratio"] == pytest.approx(
+        values["run_peak_mib"] / max(values["single_step_peak_mib"]), abs=1e-3
+    )
+    assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
+
+
+def test_memory_batches_shapes():
+    memory = load_script("memory")
+
+    batches = memory.synthetic_batches(d_vocab=256)
+
+    assert [b["input_ids"].shape[1] for b in batches] == list(memory.BATCH_LENGTHS)
+    assert all(b["input_ids"].shape[0] == memory.BATCH_ROWS for b in batches)
+    assert all(int(b["pii_mask"].sum()) == memory.BATCH_ROWS * memory.PII_TOKENS for b in batches)

@@ -79,6 +79,12 @@ def _model_folder_without_config(folder: Path) -> Path:
     return path
 
 
+def _latin1_records(folder: Path) -> Path:
+    path = folder / "latin1.jsonl"
+    path.write_bytes('{"text": "Caf\u00e9 owner Ann.", "spans": []}\n'.encode("latin-1"))
+    return path
+
+
 BAD_INPUTS = {
     "budget zero": (["demo", "--model", "tiny", "--budget", "0"], "budget"),
     "budget above one": (["demo", "--model", "tiny", "--budget", "1.5"], "budget"),
@@ -99,6 +105,15 @@ BAD_INPUTS = {
         "neuron set",
     ),
     "steps zero": (["localize", "--model", "tiny", "--data", FIXTURE, "--steps", "0"], "steps"),
+    "data not UTF-8": (
+        ["localize", "--model", "tiny", "--data", "{latin1}"],
+        "is not valid UTF-8 (byte 0xe9",
+    ),
+    "device unknown": (
+        ["localize", "--model", "tiny", "--data", FIXTURE, "--device", "gpu0"],
+        "is not a torch device",
+    ),
+    "too many people": (["demo", "--model", "tiny", "--people", "5000"], "use at most 2384"),
 }
 
 
@@ -110,6 +125,7 @@ def test_bad_input_exits_2_without_output(case, tmp_path, capsys):
         "{tmp}": str(inputs),
         "{bad}": str(_bad_records(inputs)),
         "{model_folder}": str(_model_folder_without_config(inputs)),
+        "{latin1}": str(_latin1_records(inputs)),
     }
     args, expected = BAD_INPUTS[case]
     args = [str(arg) for arg in args]
@@ -128,14 +144,38 @@ def test_bad_input_exits_2_without_output(case, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_foreign_output_folder_is_kept(tmp_path, capsys):
+@pytest.mark.parametrize("with_results", [False, True])
+def test_foreign_output_folder_is_kept(with_results, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    if with_results:
+        (out / "results.json").write_text('{"accuracy": 0.9}')
+
     code, _, err = run_cli(["demo", "--model", "tiny", "--out", out], capsys)
+
     assert code == 2
-    assert "not a tl-privacy output folder" in err
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert "contains files that tl-privacy did not write (notes.txt)" in err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_working_folder_rejected_as_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    code, _, err = run_cli(["demo", "--model", "tiny", "--out", "."], capsys)
+
+    assert code == 2
+    assert "is the working folder or contains it" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    args = ["localize", "--model", "tiny", "--data", FIXTURE, "--device", "cuda"]
+
+    code, _, err = run_cli([*args, "--out", tmp_path / "out"], capsys)
+
+    assert code == 2
+    assert "this machine has no CUDA device" in err
 
 
 def test_report_without_results(tmp_path, capsys):
@@ -229,6 +269,16 @@ def localized(cli_cache, tmp_path_factory) -> Path:
     code = main(["localize", "--model", "tiny", "--data", str(FIXTURE), "--out", str(out), "-q"])
     assert code == 0
     return out
+
+
+def test_outputs_follow_the_umask(localized):
+    umask = os.umask(0)
+    os.umask(umask)
+
+    for folder in (localized, localized / "neurons"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    for file in (localized / "results.json", localized / "neurons" / "neurons.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_localize_writes_neurons(localized):

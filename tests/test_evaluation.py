@@ -155,7 +155,7 @@ def test_evaluate_hooks_removed_afterwards(
         assert getattr(again, metric) == pytest.approx(getattr(clean_result, metric)), metric
 
 
-def test_evaluate_reads_hooks_from_a_generator(tiny_model, tiny_tokenizer, synthetic_corpus):
+def test_evaluate_hooks_from_generator(tiny_model, tiny_tokenizer, synthetic_corpus):
     names = [f"blocks.{layer}.mlp.hook_post" for layer in range(tiny_model.cfg.n_layers)]
     config = EvaluationConfig(n_candidates=0, general_text_tokens=100, window=64)
     records = synthetic_corpus.train[:2]
@@ -171,7 +171,7 @@ def test_evaluate_reads_hooks_from_a_generator(tiny_model, tiny_tokenizer, synth
     assert from_generator.perplexity_general == from_list.perplexity_general
 
 
-def test_evaluate_rejects_records_that_are_dicts(tiny_model, tiny_tokenizer):
+def test_evaluate_rejects_dict_records(tiny_model, tiny_tokenizer):
     with pytest.raises(TypeError, match="PIIRecord objects, got a dict; convert"):
         evaluate(tiny_model, tiny_tokenizer, [{"text": "a", "spans": []}])
 

@@ -361,7 +361,7 @@ def test_submodule_modes_come_back(model, batch):
     model.eval()
 
 
-def test_result_keeps_sampling_for_later_steps(model, batch):
+def test_result_keeps_mask_sampling(model, batch):
     with Localizer(model, quick()) as localizer:
         localizer.step(batch)
         localizer.result()
@@ -369,7 +369,7 @@ def test_result_keeps_sampling_for_later_steps(model, batch):
         assert localizer.mask.training
 
 
-def test_steps_without_key_on_other_batches(model, batch):
+def test_step_without_key_caching(model, batch):
     other = {key: value.flip(0) for key, value in batch.items()}
     with Localizer(model, quick()) as localizer:
         prepared = localizer.prepare(batch)
@@ -383,7 +383,7 @@ def test_steps_without_key_on_other_batches(model, batch):
         assert localizer.passes["forward"] == 4 + 1 + 2
 
 
-def test_token_ids_beyond_the_vocabulary(model, batch):
+def test_token_ids_beyond_vocabulary(model, batch):
     foreign = {**batch, "input_ids": batch["input_ids"] + model.cfg.d_vocab}
 
     with pytest.raises(ValueError, match=f"vocabulary has ids 0 to {model.cfg.d_vocab - 1}"):

@@ -206,7 +206,7 @@ def test_attach_again_after_reset_hooks(model, tokens):
     assert all(not model.hook_dict[f"blocks.{i}.mlp.hook_post"].fwd_hooks for i in range(2))
 
 
-def test_gate_hook_on_another_width_names_both_shapes(tokens):
+def test_gate_width_mismatch_error(tokens):
     other = make_tiny_model(d_mlp=32)
     mask = HardConcreteMask(2, 64)
 
@@ -227,7 +227,7 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(loaded.prob_closed(), mask.prob_closed())
 
 
-def test_load_of_a_damaged_mask_names_the_folder(tmp_path):
+def test_damaged_mask_load_error(tmp_path):
     HardConcreteMask(2, 64).save(tmp_path / "mask")
     (tmp_path / "mask" / "config.json").write_text("{}")
 

@@ -229,7 +229,7 @@ def test_union_keeps_shared_fingerprint():
 # ---- saving next to other files, damaged folders, hook names ----
 
 
-def test_save_keeps_a_folder_of_other_files(tmp_path):
+def test_save_keeps_foreign_folder(tmp_path):
     target = tmp_path / "results"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
@@ -242,7 +242,7 @@ def test_save_keeps_a_folder_of_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
-def test_save_onto_a_file_names_it(tmp_path):
+def test_save_onto_file_rejected(tmp_path):
     target = tmp_path / "set"
     target.write_text("")
 
@@ -276,7 +276,7 @@ def test_zero_ablation_rejects_means():
         neurons.ablation_hooks("zero", means=torch.zeros(2, 64))
 
 
-def test_ablation_hooks_use_the_hook_name():
+def test_ablation_hooks_use_hook_name():
     neurons = PrivacyNeurons.from_scores(
         random_scores(), 3, method="random", hook_name="blocks.{layer}.mlp.hook_pre"
     )
@@ -288,7 +288,7 @@ def test_ablation_hooks_use_the_hook_name():
         PrivacyNeurons(mask=neurons.mask, hook_name="blocks.0.mlp.hook_post")
 
 
-def test_ablation_hook_on_another_width_names_both_shapes(tokens):
+def test_ablation_width_mismatch_error(tokens):
     other = make_tiny_model(d_mlp=32)
     neurons = PrivacyNeurons.from_scores(random_scores(), 4, method="random")
 

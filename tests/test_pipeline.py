@@ -296,7 +296,7 @@ def test_validate_rejects_foreign_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "thesis.tex").write_text("keep me")
-    with pytest.raises(InputError, match="not a tl-privacy output folder"):
+    with pytest.raises(InputError, match=r"did not write \(thesis.tex\)"):
         validate(RunConfig(out=out, model="tiny"), "demo")
 
 

@@ -434,3 +434,14 @@ def test_unreadable_table_file_rejected(tmp_path, name, content, kind):
 
     assert "Jane Roe" not in str(caught.value)
     assert name in str(caught.value)
+
+
+def test_jsonl_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    row = {"text": "Mail ann@example.com", "spans": [{"start": 5, "end": 20, "type": "EMAIL"}]}
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode("utf-8"))
+
+    (record,) = load_records(path)
+
+    assert record.text == "Mail ann@example.com"
+    assert record.spans[0].text(record.text) == "ann@example.com"

@@ -83,17 +83,16 @@ def replaced_folder(target: str | Path, own_files: tuple[str, ...], what: str) -
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file; give a folder path to save the {what} in.")
-    if target.is_dir():
-        others = sorted(p.name for p in target.iterdir() if p.name not in own_files)
-        if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise FileExistsError(
-                f"{target} contains files that are not part of a saved {what} ({shown}); save to "
-                f"a new or empty folder, or to one that contains only an earlier {what}."
-            )
+    others = foreign_entries(target, own_files)
+    if others:
+        raise FileExistsError(
+            f"{target} contains files that are not part of a saved {what} ({others}); save to "
+            f"a new or empty folder, or to one that contains only an earlier {what}."
+        )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    follow_umask(staging)
     try:
         yield staging
         if target.exists():
@@ -102,3 +101,27 @@ def replaced_folder(target: str | Path, own_files: tuple[str, ...], what: str) -
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def follow_umask(path: Path) -> None:
+    """Give the folder or file ``path`` the permissions that ``mkdir`` or ``open`` would, by
+    the process' umask.
+
+    ``tempfile.mkdtemp`` creates folders, and safetensors files, that only their owner can
+    read (0700 and 0600), which would keep colleagues on a shared machine out of a saved set
+    or report.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def foreign_entries(folder: Path, own: tuple[str, ...]) -> str | None:
+    """Return the names in ``folder`` other than ``own`` (the first five, comma-separated), or
+    None when there are none or ``folder`` is not a folder."""
+    if not folder.is_dir():
+        return None
+    others = sorted(p.name for p in folder.iterdir() if p.name not in own)
+    if not others:
+        return None
+    return ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")

@@ -147,7 +147,7 @@ def build_parser() -> ArgumentParser:
     )
     _add_candidates_argument(demo)
     _add_localization_arguments(demo)
-    _add_common(demo)
+    _add_common(demo, "demo")
 
     localize = commands.add_parser(
         "localize",
@@ -163,7 +163,7 @@ def build_parser() -> ArgumentParser:
     _add_data_argument(localize)
     _add_out_argument(localize)
     _add_localization_arguments(localize)
-    _add_common(localize)
+    _add_common(localize, "localize")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -192,7 +192,7 @@ def build_parser() -> ArgumentParser:
     )
     _add_out_argument(evaluate)
     _add_candidates_argument(evaluate)
-    _add_common(evaluate)
+    _add_common(evaluate, "evaluate")
 
     report = commands.add_parser(
         "report",
@@ -262,7 +262,7 @@ def _add_localization_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         metavar="FRACTION",
         help="upper bound on the privacy neurons as a fraction of all MLP neurons, strictly "
-        "between 0 and 1 (default: 0.01 = 1%%)",
+        "between 0 and 1; at least one neuron is kept (default: 0.01 = 1%%)",
     )
     steps = ", ".join(f"{model}: {n}" for model, n in DEFAULT_STEPS.items())
     parser.add_argument(
@@ -279,14 +279,22 @@ def _add_localization_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+# The random draws that --seed seeds, per command.
+_SEEDED = {
+    "demo": "the synthetic corpus, the tiny model, the mask noise, the random baseline and the "
+    "exposure candidates",
+    "localize": "the tiny model and the mask noise",
+    "evaluate": "the tiny model and the exposure candidates",
+}
+
+
+def _add_common(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--seed",
         type=int,
         default=0,
         metavar="N",
-        help="seed of the demo corpus, the tiny model, the mask noise, the random baseline "
-        "and the exposure candidates (default: 0)",
+        help=f"seed of {_SEEDED[command]} (default: 0)",
     )
     parser.add_argument(
         "--batch-size",
@@ -301,8 +309,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--show-pii",
         action="store_true",
-        help="show PII values in logs, results.json and report.html; by default they are "
-        "replaced by [EMAIL], [PHONE], [NAME] or [ADDRESS]",
+        help="show PII values in logs, results.json and report.html; by default the labelled "
+        "PII, and any e-mail address or phone number, is replaced by [EMAIL], [PHONE], [NAME] "
+        "or [ADDRESS] (unlabelled names and addresses are not recognised)",
     )
     parser.add_argument(
         "--quiet", "-q", action="store_true", help="no progress bars; log warnings and errors only"

@@ -600,9 +600,10 @@ class Localizer:
 
     def _log(self, neurons: PrivacyNeurons) -> None:
         logger.info(
-            "localize: %d privacy neurons (%.3f%% of %d) in %.1f s, %d forward and %d backward "
-            "passes",
+            "localize: %d privacy neuron%s (%.3f%% of %d) in %.1f s, %d forward and %d "
+            "backward passes",
             neurons.count,
+            "" if neurons.count == 1 else "s",
             100 * neurons.fraction,
             self.n_neurons,
             neurons.stats["wall_time_s"],

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from tl_privacy.cache import replaced_folder
+from tl_privacy.cache import follow_umask, replaced_folder
 from tl_privacy.hooks import FwdHooks, HookHandles, attach, attached, check_model, mlp_post_name
 
 try:  # TransformerLens 4 moved HookedRootModule into its own module.
@@ -142,6 +142,7 @@ class HardConcreteMask(HookedRootModule):
         with replaced_folder(target, (MASK_CONFIG_FILE, MASK_TENSORS_FILE), "mask") as staging:
             tensors = {"log_alpha": self.log_alpha.detach().float().cpu().contiguous()}
             save_file(tensors, str(staging / MASK_TENSORS_FILE))
+            follow_umask(staging / MASK_TENSORS_FILE)
             config = {
                 "format_version": MASK_FORMAT_VERSION,
                 "n_layers": self.n_layers,

@@ -23,7 +23,7 @@ from jaxtyping import Bool, Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tl_privacy.cache import replaced_folder
+from tl_privacy.cache import follow_umask, replaced_folder
 from tl_privacy.hooks import (
     MLP_POST,
     FwdHooks,
@@ -327,6 +327,7 @@ class PrivacyNeurons:
             if self.gates is not None:
                 tensors["gates"] = self.gates.contiguous()
             save_file(tensors, str(staging / TENSORS_FILE))
+            follow_umask(staging / TENSORS_FILE)
             (staging / CONFIG_FILE).write_text(json.dumps(self._config_json(), indent=2))
         return target
 

@@ -22,6 +22,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ from typing import Any
 
 import torch
 
+from tl_privacy.cache import follow_umask, foreign_entries
 from tl_privacy.data.general import keep_text
-from tl_privacy.data.records import PIIRecord, load_records
+from tl_privacy.data.records import PIIRecord, add_automatic_labels, load_records
 from tl_privacy.data.tokenization import PIIItem, make_batches, pii_items, type_names_for
 from tl_privacy.hooks import check_model
-from tl_privacy.neurons import PrivacyNeurons
+from tl_privacy.neurons import IncompatibleNeuronsError, PrivacyNeurons
 from tl_privacy.precision import autocast
 from tl_privacy.redact import Redactor
 from tl_privacy.report import write_report
@@ -48,6 +50,8 @@ DEMO_MODELS = (SMOLLM2, TINY)
 BASELINE_METHODS = ("random", "activation", "integrated_gradients", "slimming")
 RESULTS_FILE = "results.json"
 NEURONS_FOLDER = "neurons"
+# Entries of a tl-privacy output folder; a folder with anything else is not replaced.
+OUTPUT_ENTRIES = (RESULTS_FILE, "report.html", NEURONS_FOLDER)
 
 # Localization steps per model when --steps is not given. One SmolLM2 step (8 records of
 # about 100 tokens, forward and backward under bfloat16) takes about 2 s on 2 CPU cores,
@@ -185,6 +189,14 @@ def validate(config: RunConfig, command: str) -> None:
         raise InputError(f"--steps must be at least 1, got {config.steps}")
     if config.n_people < 1:
         raise InputError(f"the corpus needs at least 1 person, got {config.n_people}")
+    if command == "demo":
+        capacity = max_people() - config.n_heldout_people
+        if config.n_people > capacity:
+            raise InputError(
+                f"--people {config.n_people} is more than the {capacity} people the synthetic "
+                f"corpus can give distinct fictional phone numbers to; use at most {capacity}"
+            )
+    check_device(config.device)
     check_model_name(config.model, demo=command == "demo")
 
     if command in ("localize", "evaluate"):
@@ -193,11 +205,50 @@ def validate(config: RunConfig, command: str) -> None:
         if config.heldout is not None:
             check_data_path(config.heldout, "--heldout")
         if config.neurons is None or not (config.neurons / "config.json").is_file():
+            inside = None if config.neurons is None else config.neurons / NEURONS_FOLDER
+            hint = (
+                f" (did you mean {inside}?)"
+                if inside and (inside / "config.json").is_file()
+                else ""
+            )
             raise InputError(
                 f"--neurons {config.neurons} is not a saved neuron set (no config.json in it); "
-                "give the neurons folder written by `tl-privacy localize`"
+                f"give the neurons folder written by `tl-privacy localize`{hint}"
             )
     check_output_folder(config.out)
+
+
+def max_people() -> int:
+    """Return how many people (training and held-out) the synthetic corpus can hold."""
+    from tl_privacy.data.synthetic import AREA_CODES, PHONE_LINES
+
+    return len(AREA_CODES) * len(PHONE_LINES)
+
+
+def check_device(device: str | None) -> None:
+    """Raise InputError unless ``device`` is None or a torch device this machine has."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {device!r}: this machine has no CUDA device; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise InputError(
+                f"--device {device!r}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device!r}: MPS is not available here; use cpu")
+    elif parsed.type != "cpu":
+        raise InputError(f"--device {device!r} is not supported; use cpu, cuda or mps")
 
 
 def check_budget(budget: float) -> None:
@@ -234,17 +285,40 @@ def check_data_path(path: Path | None, option: str) -> None:
     if path is None:
         raise InputError(f"{option} is required: a JSONL, JSON, CSV or Parquet file of records")
     if not path.exists():
-        raise InputError(f"{option} {path} does not exist; give a JSONL, CSV or Parquet file")
+        raise InputError(
+            f"{option} {path} does not exist; give a JSONL, JSON, CSV or Parquet file, or a "
+            "folder saved by datasets"
+        )
 
 
 def check_output_folder(out: Path) -> None:
-    """Raise InputError if ``out`` exists and is not an earlier tl-privacy output folder."""
+    """Raise InputError unless the run may write ``out``.
+
+    ``out`` may be new, an empty folder, or an earlier tl-privacy output folder that contains
+    only ``results.json``, ``report.html`` and ``neurons/``, which the run replaces. It must
+    not be the working folder or one above it, and its nearest existing parent must be
+    writable.
+    """
+    out = out.expanduser().resolve()
     if out.is_file():
         raise InputError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not (out / RESULTS_FILE).is_file():
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
         raise InputError(
-            f"--out {out} exists and is not a tl-privacy output folder (no {RESULTS_FILE}); "
-            "choose a new or empty folder"
+            f"--out {out} is the working folder or contains it; give a new folder for the outputs"
+        )
+    others = foreign_entries(out, OUTPUT_ENTRIES)
+    if others:
+        raise InputError(
+            f"--out {out} contains files that tl-privacy did not write ({others}); choose a new "
+            "or empty folder"
+        )
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {out}: {existing} is not writable (read-only or no permission); choose "
+            "another folder"
         )
 
 
@@ -321,18 +395,18 @@ def staged_output(out: Path) -> Iterator[Path]:
     so a failed run leaves no output behind. An earlier output folder at ``out`` is kept
     until the new one is complete.
     """
-    out = out.absolute()
-    created = _make_parents(out.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    out = out.expanduser().resolve()
+    try:
+        created = _make_parents(out.parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as error:
+        raise InputError(
+            f"--out {out} cannot be written ({error.strerror}); choose another folder"
+        ) from None
+    follow_umask(staging)
     try:
         yield staging
-        if out.exists():
-            previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
-            os.replace(out, previous)
-            os.replace(staging, out)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(created):
@@ -341,6 +415,23 @@ def staged_output(out: Path) -> Iterator[Path]:
             except OSError:
                 break
         raise
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` with ``staging``; keep an earlier ``out`` until the rename succeeded."""
+    try:
+        if out.exists():
+            previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+            os.replace(out, previous)
+            os.replace(staging, out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except OSError as error:
+        raise InputError(
+            f"could not move the outputs into --out {out} ({error.strerror}); choose a folder "
+            "that is not a mount point"
+        ) from None
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -430,7 +521,15 @@ def load_user_data(run: Run) -> None:
     """Load ``--data`` and ``--heldout``; records with ``meta.split == "heldout"`` are held out."""
     config = run.config
     with run.stage("data") as stage:
-        records = load_records(config.data)
+        records = load_records(config.data, auto_label=False)
+        if records and not any(record.spans for record in records):
+            records = [add_automatic_labels(record) for record in records]
+            found = Counter(span.type for record in records for span in record.spans)
+            logger.info(
+                "--data has no PII spans, so e-mail addresses and phone numbers were labelled "
+                "automatically: %s",
+                ", ".join(f"{count} {kind}" for kind, count in sorted(found.items())) or "none",
+            )
         if not records:
             raise InputError(
                 f"--data {config.data} contains no records; give a file with at least one "
@@ -482,7 +581,9 @@ def load_run_model(run: Run) -> None:
             run.workdir = Path(tempfile.mkdtemp(prefix="tl-privacy-tokenizer-"))
             # General prose in the tokenizer's training text keeps general-text perplexity
             # from being measured on single bytes.
-            texts = [record.text for record in [*run.train, *run.heldout]]
+            # Training records only: evaluate with another --heldout file then builds the
+            # same tokenizer, and so the same model, as localize did.
+            texts = [record.text for record in run.train]
             texts += general_text().split("\n\n")
             run.tokenizer = train_tokenizer(texts, run.workdir / "tokenizer")
             run.model = tiny_model(run.tokenizer, seed=config.seed)
@@ -490,7 +591,14 @@ def load_run_model(run: Run) -> None:
                 run.model.to(config.device)
             run.model_name = TINY
         else:
-            run.model = load_model(config.model, device=config.device)
+            try:
+                run.model = load_model(config.model, device=config.device)
+            except (OSError, ValueError) as error:
+                first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+                raise InputError(
+                    f"could not load the model {config.model!r}: {first}; give a complete Hugging "
+                    "Face model folder (config.json, tokenizer files and weights)"
+                ) from None
             run.tokenizer = run.model.tokenizer
             run.model_name = config.model if config.model == SMOLLM2 else Path(config.model).name
         n_layers, d_mlp = check_model(run.model)
@@ -523,6 +631,7 @@ def memorize_records(run: Run) -> None:
             f"{info.get('steps')} steps{cached}, exact extraction "
             f"{_percent(info.get('extraction_exact'))}"
         )
+    _warn_if_not_memorized(info.get("extraction_exact"))
     info.pop("cache_path", None)
     run.results["memorization"] = info
 
@@ -612,7 +721,8 @@ def localize_neurons(run: Run) -> None:
         if run.command == "demo" and (config.specificity or "slimming" in config.baselines):
             run.references = references
         stage.summary(
-            f"{run.neurons.count} privacy neurons ({run.neurons.fraction:.3%} of all), "
+            f"{run.neurons.count} privacy neuron{'' if run.neurons.count == 1 else 's'} "
+            f"({run.neurons.fraction:.3%} of all), "
             f"by layer {run.neurons.by_layer()}"
         )
     run.results["privacy_neurons"] = neuron_summary(run.neurons, config.budget)
@@ -622,7 +732,14 @@ def load_neurons(run: Run) -> None:
     """Load the ``--neurons`` set, check its shape against the model and warn when it was
     localized on other weights."""
     with run.stage("neurons") as stage:
-        run.neurons = PrivacyNeurons.load(run.config.neurons, model=run.model)
+        try:
+            run.neurons = PrivacyNeurons.load(run.config.neurons, model=run.model)
+        except IncompatibleNeuronsError as error:
+            raise InputError(f"--neurons {run.config.neurons}: {error}") from None
+        except (ValueError, FileNotFoundError) as error:
+            raise InputError(
+                f"--neurons {run.config.neurons} is not a valid neuron set: {error}"
+            ) from None
         run.neurons.warn_if_other_weights(run.model, run.model_name, run.config.neurons)
         stage.summary(f"{run.neurons.count} neurons from {run.config.neurons}")
     run.results["privacy_neurons"] = neuron_summary(run.neurons, None)
@@ -674,6 +791,7 @@ def evaluate_models(run: Run) -> None:
             f"{_percent(ablated.extraction_exact)}, general perplexity "
             f"{_number(clean.perplexity_general)} -> {_number(ablated.perplexity_general)}"
         )
+    _warn_if_not_memorized(clean.extraction_exact)
     run.evaluations = {"clean": clean, "ablated": ablated}
     metrics = run.results.setdefault("metrics", {})
     metrics["clean"] = _metrics_json(clean, run.config.show_pii)
@@ -941,7 +1059,8 @@ def collect_neuron_view(run: Run) -> None:
     with run.stage("neuron view") as stage:
         records = run.train[:2] + run.heldout[:1]
         if run.redactor.enabled:
-            records = [run.redactor.label_known(record) for record in records]
+            # Automatic labels catch e-mail addresses and phone numbers the data left unlabelled.
+            records = [add_automatic_labels(run.redactor.label_known(r)) for r in records]
         titles = [f"training record {r.record_id or i}" for i, r in enumerate(run.train[:2])]
         titles += [f"held-out record {r.record_id or 'h'}" for r in run.heldout[:1]]
         data = neuron_activations(
@@ -1107,10 +1226,24 @@ def measure_extraction(run: Run) -> None:
         )
         before, after = float(clean.float().mean()), float(ablated.float().mean())
         stage.summary(f"exact extraction {_percent(before)} -> {_percent(after)}")
+    _warn_if_not_memorized(before)
     run.results["metrics"] = {
         "clean": {"extraction_exact": before},
         "ablated": {"extraction_exact": after},
     }
+
+
+# Below this exact-extraction rate of the clean model, a warning says the neurons mean little.
+MEMORIZED_ENOUGH = 0.5
+
+
+def _warn_if_not_memorized(extraction: float | None) -> None:
+    if extraction is not None and extraction < MEMORIZED_ENOUGH:
+        logger.warning(
+            "the model reproduces only %s of the PII from its prefix; it has not memorized "
+            "the records, so the neurons found say little (see docs/usage.md)",
+            _percent(extraction),
+        )
 
 
 def rerender_report(folder: Path) -> Path:

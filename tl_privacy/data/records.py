@@ -213,8 +213,9 @@ def _read_rows(source: Any) -> list[Mapping[str, Any]]:
         return list(source)
     if isinstance(source, datasets.DatasetDict):
         raise InvalidRecordError(
-            f"got a DatasetDict with splits {sorted(source)}; pass one split, "
-            "for example dataset['train']"
+            f"got a DatasetDict with splits {sorted(source)}; pass one split, for example "
+            "dataset['train'] in Python or the split's folder (--data FOLDER/train) on the "
+            "command line"
         )
     if isinstance(source, (str, Path)):
         return _read_path(Path(source))
@@ -291,23 +292,33 @@ def _error_names(error: BaseException) -> str:
 # fields whose type differs between records.
 def _read_jsonl(path: Path) -> list[Mapping[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise InvalidRecordError(
-                    f"{str(path)!r} line {line_number} is not valid JSON: {error}; "
-                    "write one JSON object per line"
-                ) from error
+    for line_number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise InvalidRecordError(
+                f"{str(path)!r} line {line_number} is not valid JSON: {error}; "
+                "write one JSON object per line"
+            ) from error
     return rows
+
+
+def _read_text(path: Path) -> str:
+    """Return the text of a UTF-8 file; a byte-order mark at the start is dropped."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InvalidRecordError(
+            f"{str(path)!r} is not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save the file as UTF-8"
+        ) from None
 
 
 def _read_json(path: Path) -> list[Mapping[str, Any]]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise InvalidRecordError(f"{str(path)!r} is not valid JSON: {error}") from error
     if not isinstance(rows, list):
