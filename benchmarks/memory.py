@@ -17,12 +17,13 @@ tokens, 8 PII tokens per row, bfloat16 autocast where the CPU runs it natively):
 The ratio ``run / single`` is the result: 1.0 means a run of steps needs no more memory
 than its largest step, and retained activations would make it grow with ``--steps``.
 
-To make the resident memory follow the live tensors, this process sets glibc's ``malloc``
-to hand every block of 128 KiB or more back to the kernel when it is freed (the opposite
-of :func:`tl_privacy.allocator.keep_freed_memory`, which the ``tl-privacy`` command
-applies for speed). The peaks come from the kernel's high-water mark (``VmHWM`` in
-``/proc/self/status``), which this process resets before each measurement by writing 5
-to ``/proc/self/clear_refs``; so this script runs on Linux with glibc only.
+This process sets glibc's ``malloc`` to hand every block of 128 KiB or more back to the
+kernel when it is freed, so that the resident memory follows the live tensors. The
+``tl-privacy`` command does the opposite for speed
+(:func:`tl_privacy.allocator.keep_freed_memory`). The peaks come from the kernel's
+high-water mark (``VmHWM`` in ``/proc/self/status``), which this process resets before each
+measurement by writing 5 to ``/proc/self/clear_refs``. This script therefore runs on Linux
+with glibc only.
 
 The table goes to section ``memory`` of ``docs/benchmarks.md`` (``--no-doc`` leaves the
 file alone); the last line printed is one JSON object with the numbers.

@@ -72,22 +72,22 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def replaced_folder(target: str | Path, own_files: tuple[str, ...], what: str) -> Iterator[Path]:
+def replaced_folder(target: str | Path, own_files: tuple[str, ...], kind: str) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``target`` when the block succeeds.
 
     ``target`` may be absent, an empty folder, or a folder of ``own_files`` only (an earlier
-    save of the same kind, named ``what`` in messages), which is replaced whole. Anything
+    save of the same kind, named ``kind`` in messages), which is replaced whole. Anything
     else raises FileExistsError before anything is written, so that a save never deletes a
     user's other files. If the block raises, ``target`` is left as it was.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} is a file; give a folder path to save the {what} in.")
+        raise FileExistsError(f"{target} is a file; give a folder path to save the {kind} in.")
     others = foreign_entries(target, own_files)
     if others:
         raise FileExistsError(
-            f"{target} contains files that are not part of a saved {what} ({others}); save to "
-            f"a new or empty folder, or to one that contains only an earlier {what}."
+            f"{target} contains files that are not part of a saved {kind} ({others}); save to "
+            f"a new or empty folder, or to one that contains only an earlier {kind}."
         )
 
     target.parent.mkdir(parents=True, exist_ok=True)
