@@ -158,7 +158,9 @@ def measure(
         "single_step_peak_mib": [round(value, 1) for value in single],
         "run_peak_mib": round(run, 1),
         "retained_mib": round(retained, 1),
-        "ratio": round(run / max(single), 3),
+        # None when no step raised the resident memory measurably (a tiny model whose pages
+        # are already resident), where a ratio would mean nothing.
+        "ratio": round(run / max(single), 3) if max(single) > 0 else None,
     }
 
 
