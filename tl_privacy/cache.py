@@ -9,6 +9,7 @@ exists completely or not at all. Saved neuron sets and masks are written the sam
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "TL_PRIVACY_CACHE"
 DEFAULT_CACHE = Path("~/.cache/tl_privacy")
@@ -125,3 +127,34 @@ def foreign_entries(folder: Path, own: tuple[str, ...]) -> str | None:
     if not others:
         return None
     return ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """Return the JSON object in ``path``, the config of a saved folder.
+
+    Raises:
+        ValueError: naming ``path`` when it is not valid JSON or not an object.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the folder is damaged.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} contains no JSON object; the folder is damaged.")
+    return config
+
+
+def read_safetensors(path: Path) -> dict[str, Any]:
+    """Return the tensors in the safetensors file ``path``.
+
+    Raises:
+        ValueError: naming ``path`` when the file cannot be read.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); the folder is damaged."
+        ) from None

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from tl_privacy.cache import follow_umask, replaced_folder
+from tl_privacy.cache import follow_umask, read_config_json, read_safetensors, replaced_folder
 from tl_privacy.hooks import FwdHooks, HookHandles, attach, attached, check_model, mlp_post_name
 
 try:  # TransformerLens 4 moved HookedRootModule into its own module.
@@ -48,6 +48,7 @@ UNIFORM_EPS = 1e-6
 MASK_CONFIG_FILE = "config.json"
 MASK_TENSORS_FILE = "mask.safetensors"
 MASK_FORMAT_VERSION = 1
+_MASK_CONFIG_KEYS = ("format_version", "n_layers", "d_mlp", "temperature", "init_open_prob", "seed")
 
 
 def log_alpha_for_open_prob(open_prob: float, temperature: float) -> float:
@@ -131,8 +132,8 @@ class HardConcreteMask(HookedRootModule):
         """Write the gates to the folder ``path``: ``log_alpha`` in ``mask.safetensors`` and
         the shape, temperature, initial open probability and seed in ``config.json``.
 
-        The folder may be new, empty, or an earlier saved mask, which is replaced whole; it
-        is written next to its final place and renamed into it, so a failure leaves no
+        The folder may be new, empty, or an earlier saved mask, which is replaced whole. It is
+        written next to its final place and renamed into it, so a failure leaves no
         half-written mask behind.
 
         Raises:
@@ -169,23 +170,26 @@ class HardConcreteMask(HookedRootModule):
                 f"{folder} is not a saved mask: it needs {MASK_CONFIG_FILE} and "
                 f"{MASK_TENSORS_FILE} (written by HardConcreteMask.save)."
             )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            log_alpha = load_file(str(tensors_path))["log_alpha"]
-            if config["format_version"] != MASK_FORMAT_VERSION:
-                raise ValueError(
-                    f"format_version {config['format_version']!r}; this tl_privacy reads "
-                    f"version {MASK_FORMAT_VERSION}"
-                )
-            mask = cls(
-                config["n_layers"],
-                config["d_mlp"],
-                temperature=config["temperature"],
-                init_open_prob=config["init_open_prob"],
-                seed=config["seed"],
+        config = read_config_json(config_path)
+        tensors = read_safetensors(tensors_path)
+        missing = [key for key in _MASK_CONFIG_KEYS if key not in config]
+        missing += [] if "log_alpha" in tensors else ["the log_alpha tensor"]
+        if missing:
+            raise ValueError(f"{folder} contains a damaged mask: {', '.join(missing)} missing.")
+        if config["format_version"] != MASK_FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format_version {config['format_version']!r}; this "
+                f"tl_privacy reads version {MASK_FORMAT_VERSION}."
             )
-        except Exception as error:  # JSON, safetensors and key errors alike
-            raise ValueError(f"{folder} contains a damaged mask: {error!r}") from None
+
+        log_alpha = tensors["log_alpha"]
+        mask = cls(
+            config["n_layers"],
+            config["d_mlp"],
+            temperature=config["temperature"],
+            init_open_prob=config["init_open_prob"],
+            seed=config["seed"],
+        )
         if tuple(log_alpha.shape) != (mask.n_layers, mask.d_mlp):
             raise ValueError(
                 f"{tensors_path} contains log_alpha of shape {tuple(log_alpha.shape)} but "

@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_privacy.cache import follow_umask, replaced_folder
+from tl_privacy.cache import follow_umask, read_config_json, read_safetensors, replaced_folder
 from tl_privacy.hooks import (
     MLP_POST,
     FwdHooks,
@@ -357,7 +357,7 @@ class PrivacyNeurons:
                 f"{folder} is not a saved neuron set: it needs {CONFIG_FILE} and {TENSORS_FILE} "
                 "(written by PrivacyNeurons.save or `tl-privacy localize`)."
             )
-        meta = _read_config(config_path)
+        meta = read_config_json(config_path)
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -368,7 +368,7 @@ class PrivacyNeurons:
         if missing:
             raise ValueError(f"{config_path} lacks {', '.join(missing)}; the folder is damaged.")
 
-        tensors = _read_tensors(tensors_path)
+        tensors = read_safetensors(tensors_path)
         if "mask" not in tensors:
             raise ValueError(f"{tensors_path} contains no 'mask' tensor; the folder is damaged.")
         mask = tensors["mask"].bool()
@@ -460,25 +460,6 @@ def _ablation_hook(layer: int, selected: Tensor, means: Tensor | None):
 
     ablate_neurons.__name__ = f"ablate_neurons_layer_{layer}"
     return ablate_neurons
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); the folder is damaged.") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} contains no JSON object; the folder is damaged.")
-    return meta
-
-
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}); the folder is damaged."
-        ) from None
 
 
 def _jsonable(value: Any) -> Any:

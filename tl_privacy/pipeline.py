@@ -190,7 +190,9 @@ def validate(config: RunConfig, command: str) -> None:
     if config.n_people < 1:
         raise InputError(f"the corpus needs at least 1 person, got {config.n_people}")
     if command == "demo":
-        capacity = max_people() - config.n_heldout_people
+        from tl_privacy.data.synthetic import MAX_PEOPLE
+
+        capacity = MAX_PEOPLE - config.n_heldout_people
         if config.n_people > capacity:
             raise InputError(
                 f"--people {config.n_people} is more than the {capacity} people the synthetic "
@@ -216,13 +218,6 @@ def validate(config: RunConfig, command: str) -> None:
                 f"give the neurons folder written by `tl-privacy localize`{hint}"
             )
     check_output_folder(config.out)
-
-
-def max_people() -> int:
-    """Return how many people (training and held-out) the synthetic corpus can hold."""
-    from tl_privacy.data.synthetic import AREA_CODES, PHONE_LINES
-
-    return len(AREA_CODES) * len(PHONE_LINES)
 
 
 def check_device(device: str | None) -> None:
@@ -1233,7 +1228,7 @@ def measure_extraction(run: Run) -> None:
     }
 
 
-# Below this exact-extraction rate of the clean model, a warning says the neurons mean little.
+# Below this exact-extraction rate of the clean model, a warning is logged: the neurons mean little.
 MEMORIZED_ENOUGH = 0.5
 
 

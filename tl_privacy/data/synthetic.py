@@ -41,6 +41,10 @@ AREA_CODES = (
 )  # fmt: skip
 PHONE_EXCHANGE = "555"
 PHONE_LINES = tuple(f"{line:04d}" for line in range(100, 200))
+
+MAX_PEOPLE = len(AREA_CODES) * len(PHONE_LINES)
+"""People (training and held-out) a corpus can hold: each gets a distinct phone number."""
+
 PHONE_FORMATS = (
     "({area}) {exchange}-{line}",
     "+1-{area}-{exchange}-{line}",
@@ -95,11 +99,10 @@ class SyntheticCorpusConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_heldout_people < 0:
             raise ValueError(f"n_heldout_people must be >= 0, got {self.n_heldout_people}")
-        capacity = len(AREA_CODES) * len(PHONE_LINES)
-        if self.n_people + self.n_heldout_people > capacity:
+        if self.n_people + self.n_heldout_people > MAX_PEOPLE:
             raise ValueError(
                 f"n_people + n_heldout_people = {self.n_people + self.n_heldout_people} "
-                f"exceeds the {capacity} distinct fictional phone numbers"
+                f"exceeds the {MAX_PEOPLE} distinct fictional phone numbers"
             )
         if self.locale not in SUPPORTED_LOCALES:
             raise ValueError(
