@@ -43,8 +43,8 @@ DEMO_STAGES = (
     "neuron view",
 )
 
-# The demo's wall-time goal is 60 s on 2 otherwise idle CPU cores: `tl-privacy demo --model
-# tiny` took 53.5 s there (tiny memorization not cached). Test runs share the cores with
+# The demo's wall-time goal is 60 s on 2 otherwise idle CPU cores, where `tl-privacy demo
+# --model tiny` with an empty cache takes about that long. Test runs share the cores with
 # other jobs, so the limit here only catches large regressions; the wall time is reported.
 DEMO_GOAL_S = 60
 DEMO_LIMIT_S = 600
