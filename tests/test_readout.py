@@ -11,18 +11,21 @@ from tl_privacy.hooks import attached, mlp_post_name, model_logits
 from tl_privacy.readout import predicting_logits
 
 
-class LargestVocabOutput(TorchDispatchMode):
-    """Record the largest number of elements of any output whose last dimension is d_vocab."""
+class VocabOutputs(TorchDispatchMode):
+    """Record the operations whose output's last dimension is d_vocab: their names and the
+    largest such output's number of elements."""
 
     def __init__(self, d_vocab: int) -> None:
         super().__init__()
         self.d_vocab = d_vocab
         self.largest = 0
+        self.names: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == self.d_vocab:
             self.largest = max(self.largest, out.numel())
+            self.names.append(str(func))
         return out
 
 
@@ -97,14 +100,31 @@ def test_no_output_spans_every_position(model):
     d_vocab, d_model = model.cfg.d_vocab, model.cfg.d_model
     predicting_logits(model, input_ids, None, selections)  # the first call checks
 
-    with LargestVocabOutput(d_vocab) as rows_only:
+    with VocabOutputs(d_vocab) as rows_only:
         predicting_logits(model, input_ids, None, selections)
-    with LargestVocabOutput(d_vocab) as full:
+    with VocabOutputs(d_vocab) as full:
         model_logits(model, input_ids)
 
     # The unembedding matrix itself (d_model x d_vocab) may pass through as a view.
     assert rows_only.largest <= max(int(selections[0].sum()), d_model) * d_vocab
     assert full.largest == input_ids.numel() * d_vocab
+
+
+def test_backward_fills_no_zero_logits(model, batch):
+    # An index into the unembedding's output makes the backward pass fill a zero tensor
+    # as large as the selected rows' logits and copy the gradient into it.
+    input_ids, attention_mask, selections = batch
+    gate = torch.ones(model.cfg.d_mlp, requires_grad=True)
+    predicting_logits(model, input_ids, attention_mask, selections)  # the first call checks
+    with _gated(model, gate):
+        rows = predicting_logits(model, input_ids, attention_mask, selections)
+
+    with VocabOutputs(model.cfg.d_vocab) as backward:
+        torch.autograd.grad(sum(r.logsumexp(-1).sum() for r in rows), gate)
+
+    scatters = ("backward", "zero", "fill", "index_put", "scatter")
+    assert backward.names
+    assert not [name for name in backward.names if any(word in name for word in scatters)]
 
 
 def test_unembedding_hook_still_fires(model, batch):

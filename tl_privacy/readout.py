@@ -153,4 +153,6 @@ def _changes_outputs(model: Any) -> bool:
 
 
 def _unembed(model: Any, rows: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
-    return model.unembed(rows[None])[0]
+    # The backward pass of [0] fills a zero tensor as large as the output (768 x 49,152
+    # values in a SmolLM2 step) and copies the gradient into it. That of squeeze is a view.
+    return model.unembed(rows.unsqueeze(0)).squeeze(0)
