@@ -119,6 +119,25 @@ def test_sequence_nll_matches_manual_log_softmax(tiny_model):
     assert torch.allclose(losses, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_token_losses_match_log_softmax(dtype):
+    # More rows than one float32 chunk, a -inf logit, and padding at the end of a row.
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(3, 9, 300, generator=generator)).to(dtype)
+    logits[1, 2, 5] = -math.inf
+    input_ids = torch.randint(0, 300, (3, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, -3:] = 0
+
+    nll, valid = metrics._nll_from_logits(logits, input_ids, attention_mask)
+
+    wide = logits.to(torch.promote_types(dtype, torch.float32))
+    expected = -F.log_softmax(wide[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    assert nll.dtype == wide.dtype
+    assert valid.sum() == 3 * 8 - 3
+    torch.testing.assert_close(nll, expected.masked_fill(~valid, 0.0), atol=1e-5, rtol=1e-5)
+
+
 def test_sequence_nll_rejects_short_sequence(tiny_model):
     with pytest.raises(ValueError, match="at least two tokens"):
         sequence_nll(tiny_model, [torch.tensor([0])])
