@@ -15,10 +15,11 @@ to floating-point rounding, so the ranks should agree but for near-ties.
 The table goes into the ``exposure`` section of docs/benchmarks.md (``--no-doc`` leaves the
 file alone). The last line printed is one JSON object with the times.
 
-With ``--neurons DIR`` a third case ablates a saved neuron set, such as the learned set
-of a demo run, where pruning works only part of the way.
+With ``--neurons DIR [DIR ...]`` one more case per saved neuron set ablates it, such as the
+learned set of a demo run, where pruning works only part of the way, or a baseline's set.
 
-Usage: python benchmarks/exposure.py [--candidates 100] [--threads 2] [--neurons DIR] [--no-doc]
+Usage: python benchmarks/exposure.py [--candidates 100] [--threads 2] [--neurons DIR ...]
+[--no-doc]
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from _markdown import markdown_table, write_section
 
 from tl_privacy import pipeline
 from tl_privacy.allocator import keep_freed_memory
+from tl_privacy.attention import fused_attention
 from tl_privacy.metrics import ExposureConfig, exposure_scores
 from tl_privacy.neurons import PrivacyNeurons
-from tl_privacy.precision import autocast
+from tl_privacy.precision import weights_cast_once
 
 NOTHING_PRUNED = 1e9
 """A tie tolerance (nats) under which no candidate's partial score falls below the bound."""
@@ -49,8 +51,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--neurons",
         type=Path,
-        default=None,
-        help="a saved neuron set (a demo's neurons/ folder) to time ablated as a third case",
+        nargs="+",
+        default=[],
+        help="saved neuron sets (a demo's neurons/ folder) to time ablated, one case each",
     )
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     return parser.parse_args()
@@ -75,8 +78,14 @@ def timed_exposure(run: pipeline.Run, config: ExposureConfig, hooks: list | None
         passes[0] += 1
 
     handle = run.model.register_forward_pre_hook(count)
+    hook_names = [name for name, _ in hooks or []]
     try:
-        with autocast(run.model, run.config.precision):
+        # The same precision and attention path as tl_privacy.evaluation.evaluate.
+        with (
+            torch.no_grad(),
+            weights_cast_once(run.model, run.config.precision),
+            fused_attention(run.model, hook_names),
+        ):
             start = time.perf_counter()
             result = exposure_scores(
                 run.model,
@@ -102,9 +111,10 @@ def main() -> None:
     # Untimed: the first call draws the candidates and checks the model's KV cache.
     timed_exposure(run, base)
     cases = [("pruning", 0.0, []), ("nothing pruned", NOTHING_PRUNED, [])]
-    if args.neurons is not None:
-        neurons = PrivacyNeurons.load(args.neurons, model=run.model)
-        cases.append((f"{neurons.count} neurons ablated", 0.0, neurons.ablation_hooks()))
+    for folder in args.neurons:
+        neurons = PrivacyNeurons.load(folder, model=run.model)
+        name = f"{neurons.count} neurons ablated ({neurons.method})"
+        cases.append((name, 0.0, neurons.ablation_hooks()))
 
     rows, summary = [], {}
     for case, tolerance, hooks in cases:
@@ -115,7 +125,7 @@ def main() -> None:
         differing = sum(a != b for a, b in zip(auto["ranks"], level["ranks"], strict=True))
         for mode, timing in (("level by level", level), ("auto (default)", auto)):
             rows.append([case, mode, f"{timing['seconds']:.1f}", timing["passes"], differing])
-        key = "ablated" if hooks else case.replace(" ", "_")
+        key = case.split(" (")[-1].rstrip(")") if hooks else case.replace(" ", "_")
         summary[f"{key}_level_s"] = round(level["seconds"], 2)
         summary[f"{key}_auto_s"] = round(auto["seconds"], 2)
         summary[f"{key}_ratio"] = round(level["seconds"] / auto["seconds"], 3)
@@ -128,8 +138,9 @@ def main() -> None:
     body = (
         f"{n_items} PII items of the demo's {len(run.train)} training records, "
         f"{args.candidates} candidates each, on its memorized smollm2-135m, precision "
-        f"`{run.config.precision}`. Each time is one run of `exposure_scores`, record passes "
-        "included. The modes run other batches of nodes, so bfloat16 rounding can turn a "
+        f"`{run.config.precision}`, with the weights cast once and fused attention as in "
+        "`evaluate`. Each time is one run of `exposure_scores`, record passes included. "
+        "The modes run other batches of nodes, so bfloat16 rounding can turn a "
         "near-tie between the true PII and a candidate either way; the last column counts "
         "the items whose rank differs.\n\n"
         f"{table}\n\n"
