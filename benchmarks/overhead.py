@@ -1,7 +1,7 @@
 """Measure what the gate hooks add to a forward and a forward-backward pass.
 
 Four cases on one batch, timed in interleaved rounds so that drift in machine
-load hits every case alike:
+load hits every case alike (every other round in reverse order):
 
   a. forward, no hooks;
   b. forward, a deterministic (eval) mask on every layer;
@@ -94,8 +94,13 @@ def main() -> None:
     with frozen(model):
         for fn in cases.values():  # warm-up
             fn()
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
+        for round_index in range(args.rounds):
+            # Every other round runs the cases in reverse order, so that no case always
+            # follows the same one.
+            order = list(cases.items())
+            if round_index % 2:
+                order.reverse()
+            for name, fn in order:
                 times[name].append(timed(fn))
 
     medians = {name: statistics.median(values) for name, values in times.items()}
