@@ -142,8 +142,9 @@ def write_doc(args: argparse.Namespace, medians: dict[str, float], summary: dict
     ]
     body = (
         f"{args.model}, batch {args.batch} x {args.seq} tokens, float32, median of "
-        f"{args.rounds} interleaved rounds. The ratio is b / a for the forward pass and d / c "
-        "for the training step.\n\n" + markdown_table(["case", "median (ms)", "ratio"], rows)
+        f"{args.rounds} interleaved rounds, every other one in reverse order. The ratio is "
+        "b / a for the forward pass and d / c for the training step.\n\n"
+        + markdown_table(["case", "median (ms)", "ratio"], rows)
     )
     write_section("overhead", "Hook overhead", body)
 
