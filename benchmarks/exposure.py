@@ -15,7 +15,7 @@ to floating-point rounding, so the ranks should agree but for near-ties.
 The table goes into the ``exposure`` section of docs/benchmarks.md (``--no-doc`` leaves the
 file alone). The last line printed is one JSON object with the times.
 
-With ``--neurons DIR [DIR ...]`` one more case per saved neuron set ablates it, such as the
+With ``--neurons DIR [DIR ...]`` each saved neuron set adds a case with the set ablated: the
 learned set of a demo run, where pruning works only part of the way, or a baseline's set.
 
 Usage: python benchmarks/exposure.py [--candidates 100] [--threads 2] [--neurons DIR ...]
@@ -53,7 +53,7 @@ def parse_args() -> argparse.Namespace:
         type=Path,
         nargs="+",
         default=[],
-        help="saved neuron sets (a demo's neurons/ folder) to time ablated, one case each",
+        help="saved neuron sets (such as a demo's neurons/ folder), each timed ablated",
     )
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     return parser.parse_args()
@@ -110,14 +110,21 @@ def main() -> None:
 
     # Untimed: the first call draws the candidates and checks the model's KV cache.
     timed_exposure(run, base)
-    cases = [("pruning", 0.0, []), ("nothing pruned", NOTHING_PRUNED, [])]
-    for folder in args.neurons:
+    # (table label, key of the JSON summary, tie tolerance, hooks)
+    cases = [
+        ("pruning", "pruning", 0.0, []),
+        ("nothing pruned", "nothing_pruned", NOTHING_PRUNED, []),
+    ]
+    for index, folder in enumerate(args.neurons):
         neurons = PrivacyNeurons.load(folder, model=run.model)
-        name = f"{neurons.count} neurons ablated ({neurons.method})"
-        cases.append((name, 0.0, neurons.ablation_hooks()))
+        label = f"{neurons.count} neurons ablated ({neurons.method})"
+        # Two sets of one method (two demo runs, say) get keys of their own.
+        keys = [case[1] for case in cases]
+        key = neurons.method if neurons.method not in keys else f"{neurons.method}_{index}"
+        cases.append((label, key, 0.0, neurons.ablation_hooks()))
 
     rows, summary = [], {}
-    for case, tolerance, hooks in cases:
+    for case, key, tolerance, hooks in cases:
         auto = timed_exposure(run, replace(base, tie_tolerance=tolerance), hooks)
         level = timed_exposure(
             run, replace(base, tie_tolerance=tolerance, trie_mode="levels"), hooks
@@ -125,7 +132,6 @@ def main() -> None:
         differing = sum(a != b for a, b in zip(auto["ranks"], level["ranks"], strict=True))
         for mode, timing in (("level by level", level), ("auto (default)", auto)):
             rows.append([case, mode, f"{timing['seconds']:.1f}", timing["passes"], differing])
-        key = case.split(" (")[-1].rstrip(")") if hooks else case.replace(" ", "_")
         summary[f"{key}_level_s"] = round(level["seconds"], 2)
         summary[f"{key}_auto_s"] = round(auto["seconds"], 2)
         summary[f"{key}_ratio"] = round(level["seconds"] / auto["seconds"], 3)

@@ -153,6 +153,6 @@ def _changes_outputs(model: Any) -> bool:
 
 
 def _unembed(model: Any, rows: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
-    # The backward pass of [0] fills a zero tensor as large as the output (768 x 49,152
-    # values in a SmolLM2 step) and copies the gradient into it. That of squeeze is a view.
+    # The backward pass of [0] fills a zero tensor as large as the output (hundreds of rows
+    # x 49,152 values per SmolLM2 step) and copies the gradient in. squeeze's is a view.
     return model.unembed(rows.unsqueeze(0)).squeeze(0)
