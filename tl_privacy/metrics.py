@@ -315,11 +315,9 @@ class ExposureConfig:
             enough above the bound to cover the node's depth below it, at the mean nats
             per token just scored, plus one pass per level. Whole tries run every node
             below the survivors, in few passes. ``benchmarks/exposure.py`` times the modes
-            on the demo's model, with and without ablated neuron sets. On SmolLM2 a pass
-            of 8 rows of 2 nodes behind 105-token records took 84 ms, about as long as 100
-            to 200 nodes in larger passes. The demo's evaluation of the
-            integrated-gradients set took 72.4 s with 160 and 93.5 s with 48, that of the
-            learned set 55.0 s and 54.7 s (one process, alternating).
+            on the demo's model, with and without ablated neuron sets. On SmolLM2 with
+            2 CPU threads, a pass of a few nodes costs about as much as 100 to 200 nodes
+            in a large pass (an estimate from timing single passes).
         use_kv_cache: score tries behind a KV cache where the model supports it.
         max_items_per_type: rank only the first this many items of each PII type (in
             record order), or all with None; the others get no rank. Exposure costs about
