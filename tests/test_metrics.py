@@ -186,15 +186,20 @@ def brute_force_ranks(model, tokenizer, items, config):
 
 
 @pytest.mark.parametrize(
-    ("kind", "max_row_nodes", "trie_mode", "max_query_tokens"),
+    ("kind", "max_row_nodes", "trie_mode", "max_query_tokens", "records_per_row"),
     [
-        ("native", 4096, "auto", 2048),
-        ("llama", 40, "auto", 2048),
-        ("llama", 4096, "auto", 2048),
+        ("native", 4096, "auto", 2048, 2),
+        ("llama", 40, "auto", 2048, 2),
+        ("llama", 4096, "auto", 2048, 2),
         # Level by level only, whole tries only, and whole tries over many small passes.
-        ("llama", 40, "levels", 2048),
-        ("llama", 40, "whole", 2048),
-        ("llama", 4096, "whole", 6),
+        ("llama", 40, "levels", 2048, 2),
+        ("llama", 40, "whole", 2048, 2),
+        ("llama", 4096, "whole", 6, 2),
+        # Rows of one record; a pass over two rows of different records.
+        ("llama", 40, "auto", 2048, 1),
+        ("llama", 4096, "levels", 2048, 1),
+        # Rows of three records, where each record batch has two.
+        ("llama", 4096, "levels", 2048, 3),
     ],
 )
 def test_trie_ranks_match_brute_force(
@@ -202,6 +207,7 @@ def test_trie_ranks_match_brute_force(
     max_row_nodes,
     trie_mode,
     max_query_tokens,
+    records_per_row,
     tiny_model,
     llama_bridge,
     tiny_tokenizer,
@@ -214,6 +220,7 @@ def test_trie_ranks_match_brute_force(
         n_candidates=12,
         max_job_nodes=24,
         max_row_nodes=max_row_nodes,
+        records_per_row=records_per_row,
         rows_per_pass=2,
         seed=3,
         trie_mode=trie_mode,
@@ -226,6 +233,28 @@ def test_trie_ranks_match_brute_force(
     assert result.ranks == brute_force_ranks(model, tiny_tokenizer, items, config)
     assert len(result.items) == len(items)
     assert all(item.n_candidates == 12 for item in result.items)
+
+
+def test_trie_rows_without_plain_cache(llama_bridge, tiny_tokenizer, synthetic_corpus, monkeypatch):
+    """A cache whose columns cannot be selected gets rows of one record, not an error."""
+    records = synthetic_corpus.train[:3]
+    config = ExposureConfig(n_candidates=12, max_job_nodes=24, records_per_row=3, seed=3)
+    monkeypatch.setattr(metrics, "_plain_cache_layers", lambda cache: None)
+    widths = []
+    row_cache = metrics._runner_cache
+
+    def recording_row_cache(cache, rows):
+        widths.append(max(len({state.row for state in row}) for row in rows))
+        return row_cache(cache, rows)
+
+    monkeypatch.setattr(metrics, "_runner_cache", recording_row_cache)
+
+    result = exposure_scores(llama_bridge, tiny_tokenizer, records, config=config, batch_size=2)
+    items = record_metrics(llama_bridge, tiny_tokenizer, records).items
+
+    assert widths
+    assert set(widths) == {1}
+    assert result.ranks == brute_force_ranks(llama_bridge, tiny_tokenizer, items, config)
 
 
 @pytest.mark.parametrize("trie_mode", ["levels", "whole"])

@@ -291,14 +291,21 @@ class ExposureConfig:
         tie_tolerance: candidates within this many nats of the true score count as ties.
         max_job_nodes: trie nodes per scoring job; larger tries are split into jobs of
             contiguous candidates with tries of about this size.
-        max_row_nodes: trie nodes per batch row. Jobs of one record share a row (and its
-            cached keys and values) up to this many nodes, which bounds the cache and the
-            attention cost of a row. A node's keys and values stay in the cache while a node
-            below it may still run, so each query attends to up to this many columns besides
-            the prefix. On SmolLM2 with nothing pruned (80 held-out items, 100 candidates
-            each, bfloat16, 2 CPU threads, level by level in passes of 512 nodes) rows of 512
-            nodes took 93 s against 146 s with 2,048 and 125 s with 256 (more rows, smaller
-            passes).
+        max_row_nodes: trie nodes per batch row in whole tries (``trie_mode`` below). Jobs
+            share a row (and its cached keys and values) up to this many nodes to run, which
+            bounds the cache and the attention cost of a row. A node's keys and values stay
+            in the cache while a node below it may still run, so each query attends to up
+            to this many columns besides the prefixes. Level by level, ``"auto"`` keeps at
+            most this many trie columns per record of a row. On SmolLM2 with nothing
+            pruned (80 held-out items, 100 candidates each, bfloat16, 2 CPU threads, in
+            passes of 512 nodes) rows of 512 nodes took 93 s against 146 s with 2,048 and
+            125 s with 256 (more rows, smaller passes).
+        records_per_row: records whose jobs share one batch row while tries run level by
+            level. The row contains the records' cached keys and values side by side. Where
+            the model prefers the true PII, few nodes survive each level, and rows of one
+            record would run mostly padding; rows of several records fill the passes.
+            Models whose cache is not a transformers ``DynamicCache`` of plain layers get
+            rows of one record.
         rows_per_pass: batch rows scored side by side in one forward pass.
         max_query_tokens: trie nodes run in one forward pass, over all its rows. Its logits
             take ``max_query_tokens * d_vocab`` floats (400 MB for 2,048 SmolLM2 nodes).
@@ -307,9 +314,13 @@ class ExposureConfig:
             ``"whole"`` runs everything below the first level's survivors in passes of up
             to ``max_query_tokens`` nodes, without further pruning. ``"auto"`` switches a
             batch of rows from levels to whole tries at the first level where that is
-            predicted to be cheaper. Pruning pays where the model prefers the true PII (a
+            predicted to be cheaper, or where its rows keep more trie columns than
+            ``max_row_nodes`` per record. Pruning pays where the model prefers the true PII (a
             memorizing model). Where little is pruned (a model that finds the PII
-            unlikely), the per-level passes cost more than the nodes they skip.
+            unlikely), the per-level passes cost more than the nodes they skip, and the
+            columns kept for the next level make each query attend to thousands. Whole
+            tries run in new rows bounded by ``max_row_nodes``, where the survivors'
+            ancestors run again for their keys and values.
         pass_cost_nodes: the fixed cost of one forward pass, in trie nodes, for ``"auto"``.
             Level by level is predicted to run each node whose surviving ancestor is far
             enough above the bound to cover the node's depth below it, at the mean nats
@@ -329,6 +340,7 @@ class ExposureConfig:
     tie_tolerance: float = 0.0
     max_job_nodes: int = 512
     max_row_nodes: int = 512
+    records_per_row: int = 4
     rows_per_pass: int = 8
     max_query_tokens: int = 2048
     trie_mode: Literal["auto", "levels", "whole"] = "auto"
@@ -347,7 +359,13 @@ class ExposureConfig:
             )
         if not self.pass_cost_nodes >= 0:
             raise ValueError(f"pass_cost_nodes must be >= 0, got {self.pass_cost_nodes}.")
-        for name in ("max_job_nodes", "max_row_nodes", "rows_per_pass", "max_query_tokens"):
+        for name in (
+            "max_job_nodes",
+            "max_row_nodes",
+            "records_per_row",
+            "rows_per_pass",
+            "max_query_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_items_per_type is not None and self.max_items_per_type < 1:
@@ -930,6 +948,7 @@ class _JobState:
     # runs. Filled only while the job runs whole (``whole_from`` is not None).
     edge: Tensor
     whole_from: int | None = None  # depth from which the rest of the trie runs unpruned
+    offset: int = 0  # cache column where the job's record starts in its runner's row
 
 
 class _TrieScorer:
@@ -954,6 +973,9 @@ class _TrieScorer:
         self.paths = paths
         self.plans = plans
         self.config = config
+        # Rows of several records need cache columns that can be selected freely.
+        plain = cache is not None and _plain_cache_layers(cache) is not None
+        self.records_per_row = config.records_per_row if plain else 1
 
     def score(self, item_indices: Sequence[int]) -> dict[int, ItemExposure]:
         results = {}
@@ -968,7 +990,7 @@ class _TrieScorer:
 
         higher = dict.fromkeys(item_indices, 0)
         # Rows of similar size waste little padding side by side.
-        rows = sorted(self._rows(states), key=lambda row: sum(s.job.n_nodes for s in row))
+        rows = sorted(self._level_rows(states), key=lambda row: sum(s.job.n_nodes for s in row))
         for start in range(0, len(rows), self.config.rows_per_pass):
             group = rows[start : start + self.config.rows_per_pass]
             self._score_group(group)
@@ -992,33 +1014,49 @@ class _TrieScorer:
             )
         return results
 
-    def _rows(self, states: list[_JobState]) -> list[list[_JobState]]:
-        """Pack the jobs of each record into batch rows of at most ``max_row_nodes`` nodes.
+    def _level_rows(self, states: list[_JobState]) -> list[list[_JobState]]:
+        """Pack the jobs of ``records_per_row`` records into each batch row, for scoring
+        level by level.
 
-        The jobs of one record extend the same cached record, so they can share its row.
-        A record carries PII of every type, which makes rows of different records similar
-        in size at every trie level.
+        A row contains the cached keys and values of its records side by side, and all their
+        jobs extend them. Where the model prefers the true PII, few nodes survive each
+        level, so rows of several records fill the passes that rows of single records would
+        mostly pad. Jobs that switch to whole tries leave these rows for rows of a bounded
+        size (see :meth:`_score_whole`).
         """
-        # NOTE: where pruning is strong, most query slots are padding, because the rows of
-        # a pass have few and unequal nodes per level. On the demo's SmolLM2 with its
-        # learned set, a pass log counted 47,441 slots for 11,861 nodes. In a trial, rows of
-        # four records side by side without a node bound cut that set's evaluation from
-        # 50.7 to 24.8 s. The same rows slowed the integrated-gradients set from 66.3 to
-        # 137 s, because where little is pruned, the columns kept for pending nodes grow
-        # into the thousands. Such rows need a layout choice that counts the kept columns.
         by_record: dict[int, list[_JobState]] = {}
         for state in states:
             by_record.setdefault(state.row, []).append(state)
-        rows = []
-        for record_states in by_record.values():
-            row: list[_JobState] = []
-            nodes = 0
-            for state in record_states:
-                if row and nodes + state.job.n_nodes > self.config.max_row_nodes:
-                    rows.append(row)
-                    row, nodes = [], 0
-                row.append(state)
-                nodes += state.job.n_nodes
+        records = list(by_record.values())
+        per_row = self.records_per_row
+        return [
+            [state for record_states in records[start : start + per_row] for state in record_states]
+            for start in range(0, len(records), per_row)
+        ]
+
+    def _whole_rows(self, states: list[_JobState], sizes: dict[int, int]) -> list[list[_JobState]]:
+        """Pack jobs into batch rows of at most ``max_row_nodes`` nodes to run and at most
+        ``records_per_row`` records, for whole tries. ``sizes`` maps ``id(state)`` to its
+        node count.
+
+        A node's keys and values stay in the cache while a node below it may still run. So
+        the node bound also bounds the columns each query attends to besides the prefixes.
+        """
+        rows: list[list[_JobState]] = []
+        row: list[_JobState] = []
+        records: set[int] = set()
+        nodes = 0
+        for state in sorted(states, key=lambda state: state.row):
+            size = sizes[id(state)]
+            new_record = state.row not in records
+            full = nodes + size > self.config.max_row_nodes
+            if row and (full or (new_record and len(records) == self.records_per_row)):
+                rows.append(row)
+                row, records, nodes = [], set(), 0
+            row.append(state)
+            records.add(state.row)
+            nodes += size
+        if row:
             rows.append(row)
         return rows
 
@@ -1027,9 +1065,6 @@ class _TrieScorer:
     ) -> _JobState:
         item = self.items[index]
         prefix_len = len(item.prefix_ids)
-        cols = torch.full((job.n_nodes,), -1, dtype=torch.long)
-        on_true = job.true_depth > 0
-        cols[on_true] = prefix_len + job.true_depth[on_true] - 1
         return _JobState(
             job=job,
             item=index,
@@ -1038,7 +1073,8 @@ class _TrieScorer:
             true_log_probs=log_probs,
             bound=true_score - self.config.tie_tolerance,
             cum=torch.full((job.n_nodes,), -math.inf, dtype=torch.float32),
-            cols=cols,
+            # Set by each runner that takes the job (see _runner_cache).
+            cols=torch.full((job.n_nodes,), -1, dtype=torch.long),
             edge=torch.full((job.n_nodes,), math.nan, dtype=torch.float32),
         )
 
@@ -1052,21 +1088,88 @@ class _TrieScorer:
                 self._score_whole_candidates(state)
             return
 
-        runner = _CachedRunner(self.model, self.cache, self.config, rows)
+        runner = None
         max_depth = max(len(state.job.levels) for state in states)
         for depth in range(1, max_depth):
-            whole = self._whole_from_here(states, depth)
-            requests = [self._request(state, depth, whole) for state in states]
+            if self._whole_from_here(states, depth) or self._crowded(runner):
+                self._score_whole(states, depth)
+                return
+            requests = [self._request(state, depth) for state in states]
+            if not any(len(request) for request in requests):
+                continue
+            if runner is None:
+                runner = _CachedRunner(self.model, self.cache, self.config, rows)
             for position, nodes, logits in runner.run(requests):
                 state = states[position]
+                self._extend(state, *_child_log_probs(logits, state.job, nodes))
+
+    def _crowded(self, runner: _CachedRunner | None) -> bool:
+        """Return whether ``runner``'s rows keep more trie columns than ``max_row_nodes``
+        per record of a row, after dropping those no node still needs, in
+        ``trie_mode="auto"``.
+
+        Every query attends to every column of its row, so where little is pruned, level by
+        level in rows of several records costs more in attention than whole tries in rows
+        of a bounded size.
+        """
+        if runner is None or self.config.trie_mode != "auto":
+            return False
+        runner._compact()
+        bound = self.config.max_row_nodes * self.records_per_row
+        return runner.cache_len - runner.record_len > bound
+
+    def _score_whole(self, states: list[_JobState], depth: int) -> None:
+        """Run every node below the level-``depth`` survivors of ``states`` without pruning,
+        and sum the paths.
+
+        The jobs move to rows of a bounded size (:meth:`_whole_rows`) with fresh caches. The
+        nodes scored level by level so far have no keys and values there, so the ancestors
+        of the nodes to run (those off the true PII's path) run again first.
+        """
+        requests = {}
+        for state in states:
+            request = self._whole_request(state, depth)
+            if request is not None:
+                requests[id(state)] = request
+        pending = [state for state in states if id(state) in requests]
+        sizes = {key: len(request) for key, request in requests.items()}
+        rows = sorted(
+            self._whole_rows(pending, sizes), key=lambda row: sum(sizes[id(s)] for s in row)
+        )
+        for start in range(0, len(rows), self.config.rows_per_pass):
+            group = rows[start : start + self.config.rows_per_pass]
+            group_states = [state for row in group for state in row]
+            runner = _CachedRunner(self.model, self.cache, self.config, group)
+            group_requests = [requests[id(state)] for state in group_states]
+            for position, nodes, logits in runner.run(group_requests):
+                state = group_states[position]
                 children, log_probs = _child_log_probs(logits, state.job, nodes)
-                if state.whole_from is None:
-                    self._extend(state, children, log_probs)
-                else:
-                    state.edge[children] = log_probs
-            for state in states:
-                if state.whole_from == depth:
-                    self._sum_whole(state, depth)
+                state.edge[children] = log_probs
+        for state in pending:
+            self._sum_whole(state, depth)
+
+    @staticmethod
+    def _whole_request(state: _JobState, depth: int) -> Tensor | None:
+        """Return the nodes to run for ``state``'s job as a whole trie below level ``depth``,
+        or None when the job is done: everything below the survivors that has children,
+        and their ancestors off the true PII's path, in depth order."""
+        job = state.job
+        if depth >= len(job.levels):
+            return None
+        state.whole_from = depth
+        _, surviving = _survivors(state, depth)
+        below = _runnable_below(job, surviving)
+        # Only the nodes that run need their ancestors' keys and values, not leaf survivors.
+        ancestors = torch.zeros(job.n_nodes, dtype=torch.bool)
+        parents = job.parents[below]
+        while len(parents):
+            parents = parents[parents >= 0]
+            ancestors[parents] = True
+            parents = job.parents[parents]
+        ancestors[below] = False
+        above = (ancestors & (job.true_depth == 0)).nonzero().flatten()
+        nodes = torch.cat([above, below])
+        return nodes[torch.argsort(job.depths[nodes], stable=True)]
 
     def _whole_from_here(self, states: list[_JobState], depth: int) -> bool:
         """Return whether the group's jobs should run whole below level ``depth`` (see
@@ -1093,22 +1196,14 @@ class _TrieScorer:
         whole = total + pass_cost * math.ceil(total / self.config.max_query_tokens)
         return whole < by_levels
 
-    def _request(self, state: _JobState, depth: int, whole: bool) -> Tensor:
-        """Return the nodes of ``state``'s job to run for trie level ``depth``.
-
-        Level by level these are the surviving nodes at ``depth`` that have children and
-        are not on the true PII's path (whose logits the record's pass gave). With
-        ``whole`` they are all such nodes below the survivors, in depth order, so that each
-        node's ancestors get their cache columns first.
-        """
+    def _request(self, state: _JobState, depth: int) -> Tensor:
+        """Return the nodes of ``state``'s job to run for trie level ``depth``: the surviving
+        nodes at ``depth`` that have children and are not on the true PII's path. Those on
+        it take their children's scores from the record's own pass here."""
         job = state.job
-        if state.whole_from is not None or depth >= len(job.levels):
+        if depth >= len(job.levels):
             return torch.empty(0, dtype=torch.long)
-        scored, surviving = _survivors(state, depth)
-        if whole:
-            state.whole_from = depth
-            return _runnable_below(job, surviving)
-
+        _, surviving = _survivors(state, depth)
         alive = surviving[job.has_children[surviving]]
         true_nodes = alive[job.true_depth[alive] > 0]
         if len(true_nodes):
@@ -1283,8 +1378,7 @@ class _CachedRunner:
             self.positions.append(list(range(flat, flat + len(row))))
             flat += len(row)
         self.states = [state for row in rows for state in row]
-        self.cache = copy.deepcopy(cache)
-        self.cache.batch_select_indices(torch.tensor([row[0].row for row in rows]))
+        self.cache = _runner_cache(cache, rows)
         self.cache_len = int(self.cache.get_seq_length())
         # Columns below this are the records' own keys and values, and the ones after are
         # trie nodes'.
@@ -1392,7 +1486,7 @@ class _CachedRunner:
         job = state.job
         input_ids[row, queries] = job.tokens[nodes]
         positions[row, queries] = state.prefix_len + job.depths[nodes] - 1
-        visible[row, queries, : state.prefix_len] = True
+        visible[row, queries, state.offset : state.offset + state.prefix_len] = True
         # Columns first, so that ancestors in this same pass are visible below.
         own_cols = self.cache_len + queries
         state.cols[nodes] = own_cols
@@ -1410,6 +1504,49 @@ class _CachedRunner:
                 )
             visible[row, queries[has], cols] = True
             ancestors = torch.where(has, job.parents[ancestors.clamp_min(0)], ancestors)
+
+
+def _runner_cache(cache: Any, rows: list[list[_JobState]]) -> Any:
+    """Return a copy of the records' cache with one batch row per runner row, holding the
+    keys and values of that row's records side by side. Set each job's ``offset`` (where
+    its record starts) and its cache columns: the record's own for the true PII's nodes,
+    none for the others.
+
+    A row with fewer records than the widest row repeats its first record there, in
+    columns that no query attends to.
+    """
+    records = [list(dict.fromkeys(state.row for state in row)) for row in rows]
+    width = max(len(row_records) for row_records in records)
+    grown = copy.deepcopy(cache)
+    if width == 1:
+        grown.batch_select_indices(torch.tensor([row_records[0] for row_records in records]))
+        record_len = int(grown.get_seq_length())
+    else:
+        layers = _plain_cache_layers(grown)
+        if layers is None:
+            raise ValueError(
+                f"rows of several records need plain cache layers, not {type(cache).__name__}"
+            )
+        record_len = int(layers[0].keys.shape[2])
+        padded = [
+            row_records + row_records[:1] * (width - len(row_records)) for row_records in records
+        ]
+        index = torch.tensor(padded).to(layers[0].keys.device)
+        for layer in layers:
+            # [batch, heads, record_len, head_dim] -> [rows, heads, width * record_len, head_dim]
+            for name in ("keys", "values"):
+                picked = getattr(layer, name)[index].transpose(1, 2)
+                setattr(layer, name, picked.flatten(2, 3))
+
+    for row, row_records in zip(rows, records, strict=True):
+        for state in row:
+            state.offset = row_records.index(state.row) * record_len
+            on_true = state.job.true_depth > 0
+            state.cols.fill_(-1)
+            state.cols[on_true] = (
+                state.offset + state.prefix_len + state.job.true_depth[on_true] - 1
+            )
+    return grown
 
 
 _MIN_COLUMNS_TO_COMPACT = 64
@@ -1431,6 +1568,10 @@ def _has_pending_descendant(state: _JobState) -> Tensor:
     for level in job.levels[1:]:
         pruned[level] |= pruned[job.parents[level]]
     pending = job.has_children & (state.cols == -1) & ~pruned
+    if state.whole_from is not None:
+        # A whole trie runs the survivors of level ``whole_from`` and the nodes below them,
+        # so a node above that level without a column will not run.
+        pending &= job.depths >= state.whole_from
     under = torch.zeros(job.n_nodes, dtype=torch.bool)
     for level in reversed(job.levels[1:]):
         flagged = level[pending[level] | under[level]]
