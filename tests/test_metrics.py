@@ -195,7 +195,7 @@ def brute_force_ranks(model, tokenizer, items, config):
         ("llama", 40, "levels", 2048, 2),
         ("llama", 40, "whole", 2048, 2),
         ("llama", 4096, "whole", 6, 2),
-        # Rows of one record; a pass over two rows of different records.
+        # Rows of one record, so that a pass covers two rows of different records.
         ("llama", 40, "auto", 2048, 1),
         ("llama", 4096, "levels", 2048, 1),
         # Rows of three records, where each record batch has two.

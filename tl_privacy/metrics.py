@@ -302,8 +302,8 @@ class ExposureConfig:
             125 s with 256 (more rows, smaller passes).
         records_per_row: records whose jobs share one batch row while tries run level by
             level. The row contains the records' cached keys and values side by side. Where
-            the model prefers the true PII, few nodes survive each level, and rows of one
-            record would run mostly padding; rows of several records fill the passes.
+            the model prefers the true PII, few nodes survive each level. Rows of one record
+            would then run mostly padding, so rows of several records fill the passes.
             Models whose cache is not a transformers ``DynamicCache`` of plain layers get
             rows of one record.
         rows_per_pass: batch rows scored side by side in one forward pass.
@@ -319,8 +319,8 @@ class ExposureConfig:
             memorizing model). Where little is pruned (a model that finds the PII
             unlikely), the per-level passes cost more than the nodes they skip, and the
             columns kept for the next level make each query attend to thousands. Whole
-            tries run in new rows bounded by ``max_row_nodes``, where the survivors'
-            ancestors run again for their keys and values.
+            tries run in new rows bounded by ``max_row_nodes``, where the ancestors of the
+            nodes to run go again for their keys and values.
         pass_cost_nodes: the fixed cost of one forward pass, in trie nodes, for ``"auto"``.
             Level by level is predicted to run each node whose surviving ancestor is far
             enough above the bound to cover the node's depth below it, at the mean nats
@@ -1092,6 +1092,8 @@ class _TrieScorer:
         max_depth = max(len(state.job.levels) for state in states)
         for depth in range(1, max_depth):
             if self._whole_from_here(states, depth) or self._crowded(runner):
+                # The whole tries build their own caches, so this one can go first.
+                runner = None
                 self._score_whole(states, depth)
                 return
             requests = [self._request(state, depth) for state in states]
@@ -1383,6 +1385,9 @@ class _CachedRunner:
         # Columns below this are the records' own keys and values, and the ones after are
         # trie nodes'.
         self.record_len = self.cache_len
+        # Cache length right after the last compaction. Every pass appends columns, so an
+        # equal length means no pass ran since, and compacting again would drop nothing new.
+        self.compacted_len: int | None = None
         self.pad_id = _model_pad_id(model)
 
     def run(self, requests: list[Tensor]) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -1421,6 +1426,8 @@ class _CachedRunner:
         """
         if self.cache_len - self.record_len < _MIN_COLUMNS_TO_COMPACT:
             return
+        if self.cache_len == self.compacted_len:
+            return
         layers = _plain_cache_layers(self.cache)
         if layers is None:
             return
@@ -1430,6 +1437,7 @@ class _CachedRunner:
             needed = _has_pending_descendant(state) & (state.cols >= self.record_len)
             keep[state.cols[needed]] = True
         kept_columns = keep.nonzero().flatten()
+        self.compacted_len = len(kept_columns)
         if len(kept_columns) == self.cache_len:
             return
 
