@@ -235,6 +235,15 @@ def test_trie_ranks_match_brute_force(
     assert all(item.n_candidates == 12 for item in result.items)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["max_job_nodes", "max_row_nodes", "records_per_row", "rows_per_pass", "max_query_tokens"],
+)
+def test_exposure_config_rejects_zero_counts(name):
+    with pytest.raises(ValueError, match=f"{name} must be at least 1, got 0"):
+        ExposureConfig(**{name: 0})
+
+
 def test_trie_rows_without_plain_cache(llama_bridge, tiny_tokenizer, synthetic_corpus, monkeypatch):
     """A cache whose columns cannot be selected gets rows of one record, not an error."""
     records = synthetic_corpus.train[:3]
