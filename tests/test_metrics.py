@@ -346,6 +346,29 @@ def test_auto_mode_whole_only_when_unpruned(bound, first_token_score, whole):
     assert scorer._whole_from_here([state], depth=1) is whole
 
 
+def test_auto_mode_whole_when_most_survive(monkeypatch):
+    scorer = _TrieScorer(None, None, None, {}, [], {}, {}, ExposureConfig())
+    # Every candidate survives its first token, 5 nats above the bound, but at 10 nats per
+    # token the cost model predicts that none survives the next one.
+    state = _first_level_state(bound=-15.0, first_token_score=-10.0)
+
+    monkeypatch.setattr(metrics, "WHOLE_SURVIVOR_SHARE", 2.0)
+    assert scorer._whole_from_here([state], depth=1) is False
+    monkeypatch.setattr(metrics, "WHOLE_SURVIVOR_SHARE", 0.9)
+    assert scorer._whole_from_here([state], depth=1) is True
+
+
+def test_auto_mode_levels_when_half_pruned():
+    scorer = _TrieScorer(None, None, None, {}, [], {}, {}, ExposureConfig())
+    state = _first_level_state(bound=-15.0, first_token_score=-10.0)
+    first = state.job.levels[0]
+    candidates = first[state.job.true_depth[first] == 0]
+    state.cum[candidates[::2]] = -20.0
+
+    assert metrics._survivor_share([state], depth=1) == 0.5
+    assert scorer._whole_from_here([state], depth=1) is False
+
+
 def test_cache_mode_detection(tiny_model, llama_bridge):
     assert tree_cache_mode(tiny_model) is None
     assert tree_cache_mode(llama_bridge) in ("direct", "renamed")

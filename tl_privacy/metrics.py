@@ -314,7 +314,8 @@ class ExposureConfig:
             ``"whole"`` runs everything below the first level's survivors in passes of up
             to ``max_query_tokens`` nodes, without further pruning. ``"auto"`` switches a
             batch of rows from levels to whole tries at the first level where that is
-            predicted to be cheaper, or where its rows keep more trie columns than
+            predicted to be cheaper, where at least ``WHOLE_SURVIVOR_SHARE`` (90%) of the
+            level's candidate nodes survive, or where its rows keep more trie columns than
             ``max_row_nodes`` per record. Pruning pays where the model prefers the true PII (a
             memorizing model). Where little is pruned (a model that finds the PII
             unlikely), the per-level passes cost more than the nodes they skip, and the
@@ -1196,7 +1197,7 @@ class _TrieScorer:
         pass_cost = self.config.pass_cost_nodes
         by_levels = predicted_nodes + pass_cost * len(predicted_levels)
         whole = total + pass_cost * math.ceil(total / self.config.max_query_tokens)
-        return whole < by_levels
+        return whole < by_levels or _survivor_share(states, depth) >= WHOLE_SURVIVOR_SHARE
 
     def _request(self, state: _JobState, depth: int) -> Tensor:
         """Return the nodes of ``state``'s job to run for trie level ``depth``: the surviving
@@ -1329,6 +1330,35 @@ def _level_split(state: _JobState, depth: int) -> tuple[Tensor, Tensor, Tensor] 
     for level in job.levels[depth:]:
         margins[level] = torch.maximum(margins[level], margins[job.parents[level]])
     return steps, margins, _runnable_below(job, surviving)
+
+
+WHOLE_SURVIVOR_SHARE = 0.9
+"""Share of a level's scored candidate nodes that survive the bound, at or above which
+``trie_mode="auto"`` runs the rest of the tries whole.
+
+The prediction of :meth:`_TrieScorer._whole_from_here` extrapolates the nats lost per token at
+the level just scored, and for a set after which the model finds every candidate unlikely it
+predicts pruning that does not come. On the demo's SmolLM2 with the integrated-gradients 1%
+set ablated (4 items per type, 32 jobs), 600 of 653 first-level nodes survived (92%), yet
+levels went on to depth 5, where the rows crowded. With the learned set, 108 of 653 survived
+(17%), and at most 72% at the deeper levels until depth 7 (31 of 35), where the prediction
+had switched already. With this rule, the evaluation of the integrated-gradients set took
+90.8 s against 114.0 s (2 CPU threads), and the learned, activation and clean evaluations
+made the same choices as before.
+"""
+
+
+def _survivor_share(states: list[_JobState], depth: int) -> float:
+    """Return the share of the candidate nodes scored at level ``depth`` (off the true PII's
+    path) that are at or above their job's bound, over the jobs still run level by level."""
+    scored, surviving = 0, 0
+    for state in states:
+        if state.whole_from is not None or depth >= len(state.job.levels):
+            continue
+        nodes, above = _survivors(state, depth)
+        scored += int((state.job.true_depth[nodes] == 0).sum())
+        surviving += int((state.job.true_depth[above] == 0).sum())
+    return surviving / scored if scored else 0.0
 
 
 def _survivors(state: _JobState, depth: int) -> tuple[Tensor, Tensor]:
