@@ -255,12 +255,13 @@ def _grouped_sdpa(
     Every other case goes to transformers' own function.
 
     NOTE: on an AMD EPYC without AMX (2 threads), PyTorch's CPU kernel took 14.5 ms for one
-    SmolLM2 layer of the tries (8 rows x 256 queries x 361 keys, bfloat16), and perf counted
-    about a quarter of an evaluation's samples in MKL's float32 GEMM, which the kernel's
-    bfloat16 path calls. Two bfloat16 batched products around a bfloat16 softmax took 6.7 to
-    10 ms, but their rounded scores failed the direct KV-cache check of
-    :func:`tl_privacy.metrics.tree_cache_mode`, and in one trial the evaluation of the demo's
-    integrated-gradients set then took 539 s instead of about 110 s. That path is not used.
+    SmolLM2 layer of the tries (8 rows x 256 queries x 361 keys, bfloat16). Its bfloat16 path
+    calls MKL's bfloat16 GEMM, which runs MKL's float32 kernel there, and perf put about a
+    quarter of an evaluation's samples in that kernel. Two bfloat16 batched products around a
+    bfloat16 softmax took 6.7 to 10 ms, but their rounded scores failed the direct KV-cache
+    check of :func:`tl_privacy.metrics.tree_cache_mode`, and in one trial the evaluation of the
+    demo's integrated-gradients set then took 539 s instead of about 110 s. That path is not
+    used.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
